@@ -122,7 +122,7 @@ class SegmentationModel(abc.ABC):
     version: ClassVar[str]
     queue: ClassVar[Literal["gpu", "cpu"]] = "cpu"
     labels: ClassVar[tuple[LabelSpec, ...]]
-    algorithm_family: ClassVar[Code] = Code("123109", "DCM", "Manual Processing")
+    algorithm_family: ClassVar[Code] = Code("123110", "DCM", "Artificial Intelligence")
     description: ClassVar[str] = ""
 
     @abc.abstractmethod
@@ -141,5 +141,3 @@ class SegmentationModel(abc.ABC):
             if spec.value == value:
                 return spec
         raise KeyError(f"model {self.name!r} has no label {value}")
-
-

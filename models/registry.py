@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 from models.base import SegmentationModel
 
 __all__ = ["available_models", "get_model", "get_model_class", "register_model"]
 
 logger = logging.getLogger(__name__)
+
+_ModelT = TypeVar("_ModelT", bound=type[SegmentationModel])
 
 _MODEL_CLASSES: dict[str, type[SegmentationModel]] = {}
 _INSTANCES: dict[str, SegmentationModel] = {}
@@ -19,7 +22,7 @@ _INSTANCES: dict[str, SegmentationModel] = {}
 _BUILTIN_MODULES = ("models.ct_tissue",)
 
 
-def register_model(cls: type[SegmentationModel]) -> type[SegmentationModel]:
+def register_model(cls: _ModelT) -> _ModelT:
     """Class decorator that makes a model available under ``cls.name``.
 
     Raises
@@ -59,7 +62,9 @@ def get_model_class(name: str) -> type[SegmentationModel]:
     return models[name]
 
 
-def get_model(name: str, factory: Callable[[], SegmentationModel] | None = None) -> SegmentationModel:
+def get_model(
+    name: str, factory: Callable[[], SegmentationModel] | None = None
+) -> SegmentationModel:
     """The process-wide instance of model ``name``, created on first use and kept."""
     instance = _INSTANCES.get(name)
     if instance is None:

@@ -1,0 +1,147 @@
+"""``pacsnode run``: the node process, which owns the state DB and drives every stage.
+
+Stages run in order on each tick of the main loop (complete -> route -> dispatch ->
+collect); the SCP and the sender run on their own threads because they wait on the
+network. Start-up first reconciles: it records spooled files the DB missed, requeues
+unfinished jobs, and lets completeness re-check every series still receiving.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+
+from node.completeness import mark_quiet_series_complete, route_complete_series
+from node.config import Config
+from node.dispatch import Dispatcher
+from node.scp import start_scp
+from node.sender import Sender
+from node.services import EmbeddedRedis, WorkerProcess, broker_url
+from node.spool import Spool
+from node.state import StateDB
+from workers.celery_app import app as celery_app
+from workers.celery_app import configure as configure_celery
+
+__all__ = ["Node", "recover_spool"]
+
+logger = logging.getLogger(__name__)
+
+_TICK_SECONDS = 0.5
+_RECOVERED_FROM = "(recovered)"
+
+
+def recover_spool(spool: Spool, db: StateDB) -> int:
+    """Record instances that reached the spool but not the DB (a crash between the two).
+
+    Their peers got no Success and may send them again; keeping them is harmless.
+    """
+    spool.clean_incoming()
+    known = db.known_instance_paths()
+    recovered = 0
+    for instance in spool.scan():
+        if str(instance.path) in known:
+            continue
+        try:
+            sop_class_uid = str(dcmread(instance.path, stop_before_pixels=True).SOPClassUID)
+        except (OSError, ValueError, EOFError, AttributeError, InvalidDicomError) as exc:
+            logger.warning("spooled file %s is unreadable: %s", instance.path, exc)
+            continue
+        db.record_instance(
+            sop_instance_uid=instance.sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            series_instance_uid=instance.series_instance_uid,
+            study_instance_uid=instance.study_instance_uid,
+            calling_ae_title=_RECOVERED_FROM,
+            path=instance.path,
+        )
+        recovered += 1
+    if recovered:
+        logger.warning("recorded %d spooled instances the state DB had missed", recovered)
+    return recovered
+
+
+class Node:
+    """The running node.
+
+    Parameters
+    ----------
+    config
+        The validated configuration.
+    config_path
+        The file it came from (handed to the embedded worker).
+    """
+
+    def __init__(self, config: Config, config_path: Path) -> None:
+        self.config = config
+        self.config_path = config_path.resolve()
+        self.stopping = threading.Event()
+        data_dir = config.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.db = StateDB(data_dir / "state.db")
+        self.spool = Spool(data_dir / "spool")
+        self.redis = EmbeddedRedis(data_dir) if config.embedded_broker else None
+        self.worker = WorkerProcess(self.config_path) if config.embedded_broker else None
+        configure_celery(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
+        self.dispatcher = Dispatcher(config, self.db, celery_app)
+        self.sender = Sender(config, self.db)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        logger.info("received %s; stopping", signal.Signals(signum).name)
+        self.stopping.set()
+
+    def run(self) -> None:
+        """Start everything, serve until SIGINT/SIGTERM, then stop children cleanly."""
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        logger.info("effective configuration: %s", self.config.redacted())
+        recover_spool(self.spool, self.db)
+        if self.redis is not None:
+            self.redis.start()
+        if self.worker is not None:
+            self.worker.start()
+        requeued = self.dispatcher.requeue_unfinished("requeued after the node restarted")
+        if requeued:
+            logger.warning("requeued %d unfinished jobs", requeued)
+        server = start_scp(self.config, self.spool, self.db)
+        sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
+        sender_thread.start()
+        try:
+            while not self.stopping.wait(_TICK_SECONDS):
+                self._tick()
+        finally:
+            logger.info("stopping: SCP")
+            server.shutdown()
+            sender_thread.join(timeout=self.config.delivery.network_timeout_seconds + 5)
+            if self.worker is not None:
+                self.worker.stop()
+            if self.redis is not None:
+                self.redis.stop()
+            self.db.close()
+            logger.info("stopped")
+
+    def _tick(self) -> None:
+        try:
+            mark_quiet_series_complete(self.db, self.config.completion.quiet_seconds)
+            route_complete_series(self.db, self.config)
+            if self.worker is not None and self.worker.check():
+                self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
+            self.dispatcher.dispatch_pending()
+            self.dispatcher.collect()
+        except Exception:
+            # A broker outage or a DB hiccup must not stop the SCP; the next tick retries.
+            logger.exception("pipeline tick failed; retrying")
+            time.sleep(_TICK_SECONDS)
+
+    def _send_loop(self) -> None:
+        while not self.stopping.wait(_TICK_SECONDS):
+            try:
+                self.sender.tick()
+            except Exception:
+                logger.exception("sender tick failed; retrying")

@@ -1,0 +1,198 @@
+"""The ``pacsnode`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from node.config import Config, ConfigError, load_config
+
+__all__ = ["main"]
+
+logger = logging.getLogger("pacsnode")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_BAD_CONFIG = 2
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every association at INFO; keep its warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _load(path: Path) -> Config | None:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        sys.stderr.write(f"{path}: invalid configuration\n")
+        for error in exc.errors:
+            sys.stderr.write(f"  {error}\n")
+        return None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.app import Node
+
+    Node(config, args.config).run()
+    return EXIT_OK
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    import torch
+
+    from node.services import broker_url
+    from workers.celery_app import app, configure
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.worker.concurrency))
+    configure(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
+    pool = ["--pool", "solo"] if config.worker.concurrency == 1 else [
+        "--pool", "prefork", "--concurrency", str(config.worker.concurrency)
+    ]  # fmt: skip
+    app.worker_main(
+        [
+            "worker",
+            "--queues",
+            args.queue,
+            "--hostname",
+            f"pacsnode-{args.queue.replace(',', '-')}@{socket.gethostname()}",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+            *pool,
+        ]
+    )
+    return EXIT_OK
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.file)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    _out(
+        f"{args.file}: OK ({len(config.rules)} rules, {len(config.destinations)} destinations, "
+        f"{len(config.peers)} peers, broker {'embedded' if config.embedded_broker else 'external'})"
+    )
+    return EXIT_OK
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.state import StateDB
+
+    db = StateDB(config.node.data_dir / "state.db")
+    jobs = db.jobs()
+    _out(f"{'JOB':>5}  {'STATE':<13}  {'MODEL':<14}  {'UPDATED':<19}  SERIES / REASON")
+    for job in jobs:
+        updated = datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")
+        _out(
+            f"{job.id:>5}  {job.state:<13}  {job.model:<14}  {updated:<19}  "
+            f"{job.series_instance_uid}"
+            + (f"\n{'':>5}  reason: {job.reason}" if job.reason else "")
+        )
+    if not jobs:
+        _out("(no jobs yet)")
+    db.close()
+    return EXIT_OK
+
+
+def _cmd_retry(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.state import StateDB
+
+    db = StateDB(config.node.data_dir / "state.db")
+    try:
+        job = db.retry_job(args.job)
+    except (KeyError, ValueError) as exc:
+        sys.stderr.write(f"cannot retry: {exc.args[0]}\n")
+        return EXIT_FAILED
+    finally:
+        db.close()
+    _out(f"job {job.id} ({job.model}) will run again")
+    return EXIT_OK
+
+
+def _cmd_echo(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.sender import echo
+
+    try:
+        failure = echo(config, args.destination)
+    except KeyError as exc:
+        sys.stderr.write(f"{exc.args[0]}\n")
+        return EXIT_FAILED
+    destination = config.destinations[args.destination]
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    if failure is not None:
+        sys.stderr.write(f"C-ECHO to {args.destination} ({where}) failed: {failure}\n")
+        return EXIT_FAILED
+    _out(f"C-ECHO to {args.destination} ({where}): success")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacsnode", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+    default_config = Path("config.yaml")
+
+    def with_config(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", type=Path, default=default_config, help="config file")
+        return sub
+
+    with_config(
+        "run", "run the node (SCP, pipeline, sender; embedded Redis and worker)"
+    ).set_defaults(handler=_cmd_run)
+    worker = with_config("worker", "run a Celery worker for model jobs")
+    worker.add_argument("--queue", default="gpu,cpu", help="queues to consume (comma-separated)")
+    worker.set_defaults(handler=_cmd_worker)
+    check = commands.add_parser("check-config", help="validate a config file (exit 2 if invalid)")
+    check.add_argument("file", type=Path, nargs="?", default=default_config)
+    check.set_defaults(handler=_cmd_check_config)
+    with_config("jobs", "list jobs and their states").set_defaults(handler=_cmd_jobs)
+    retry = with_config("retry", "run a failed job again")
+    retry.add_argument("job", type=int)
+    retry.set_defaults(handler=_cmd_retry)
+    echo = with_config("echo", "C-ECHO a configured destination")
+    echo.add_argument("destination")
+    echo.set_defaults(handler=_cmd_echo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

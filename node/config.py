@@ -1,0 +1,326 @@
+"""config.yaml -> one frozen, validated :class:`Config`.
+
+Loaded once at start-up and passed explicitly; defaults live only on these models.
+Every validation error names its YAML path (``rules[0].match.Modality``) so an admin
+can fix the file without reading code.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AETitle",
+    "Completion",
+    "Config",
+    "ConfigError",
+    "Delivery",
+    "Destination",
+    "MatchCondition",
+    "NodeSettings",
+    "Peer",
+    "Rule",
+    "WorkerSettings",
+    "load_config",
+]
+
+_AE_TITLE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # default character repertoire, no "\"
+
+
+def _check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError("AE title must not be empty")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title must be at most 16 characters. Found {len(stripped)}.")
+    if not _AE_TITLE_CHARS.match(stripped):
+        raise ValueError("AE title may hold only printable ASCII characters other than '\\'")
+    return stripped
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeSettings(_Frozen):
+    """This node on the network, and where it keeps its data."""
+
+    ae_title: AETitle = "PACSNODE"
+    port: Port = 11112
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = Path("./data")
+    max_pdu_bytes: int = Field(default=0, ge=0)
+    """Largest PDU we accept; 0 means unlimited (fastest for large images)."""
+
+
+class Peer(_Frozen):
+    """A DICOM peer allowed to associate with us (a scanner or a PACS)."""
+
+    ae_title: AETitle
+    host: str
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"peer host must be an IP address (we compare it with the caller's); "
+                f"found {value!r}"
+            ) from exc
+        return value
+
+
+class Destination(_Frozen):
+    """A DICOM node we send results to by C-STORE."""
+
+    ae_title: AETitle
+    host: str
+    port: Port
+
+
+class Completion(_Frozen):
+    """When a series counts as complete."""
+
+    quiet_seconds: float = Field(default=10.0, gt=0)
+
+
+class Delivery(_Frozen):
+    """How hard the sender tries before giving up on a destination."""
+
+    first_retry_seconds: float = Field(default=5.0, gt=0)
+    max_retry_interval_seconds: float = Field(default=300.0, gt=0)
+    give_up_after_seconds: float = Field(default=86400.0, gt=0)
+    network_timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+class WorkerSettings(_Frozen):
+    """Workers started by ``pacsnode run`` (embedded) or ``pacsnode worker``."""
+
+    concurrency: int = Field(default=1, ge=1)
+    job_timeout_seconds: float = Field(default=3600.0, gt=0)
+    """A job running longer than this is dispatched again (the worker is presumed lost)."""
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class MatchCondition(_Frozen):
+    """One attribute test in a rule; exactly one of the fields is set.
+
+    In YAML a plain value is shorthand for ``{equals: value}``.
+    """
+
+    equals: str | float | None = None
+    regex: str | None = None
+    contains: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, str | int | float) and not isinstance(data, bool):
+            return {"equals": data}
+        return data
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> MatchCondition:
+        kinds = [
+            name
+            for name, value in (
+                ("equals", self.equals),
+                ("regex", self.regex),
+                ("contains", self.contains),
+            )
+            if value is not None
+        ]
+        ranged = self.min is not None or self.max is not None
+        if len(kinds) + int(ranged) != 1:
+            raise ValueError(
+                "a condition needs exactly one of: a value, {regex: ...}, {contains: ...} "
+                "or {min: ..., max: ...}"
+            )
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as exc:
+                raise ValueError(f"invalid regular expression {self.regex!r}: {exc}") from exc
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        return self
+
+
+class Rule(_Frozen):
+    """Series that match ``match`` go to ``models``; results go to ``send_to``."""
+
+    name: str = Field(min_length=1)
+    match: dict[str, MatchCondition] = Field(default_factory=dict)
+    min_instances: int = Field(default=1, ge=1)
+    models: list[str] = Field(min_length=1)
+    send_to: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_instances_inside_match(cls, data: Any) -> Any:
+        # `min_instances` reads naturally inside `match:`; accept it there too.
+        if isinstance(data, dict) and isinstance(data.get("match"), dict):
+            match = dict(data["match"])
+            if "min_instances" in match:
+                data = {**data, "match": match, "min_instances": match.pop("min_instances")}
+        return data
+
+    @field_validator("match")
+    @classmethod
+    def _keywords_are_dicom(cls, value: dict[str, MatchCondition]) -> dict[str, MatchCondition]:
+        from pydicom.datadict import tag_for_keyword
+
+        for keyword in value:
+            if tag_for_keyword(keyword) is None:
+                raise ValueError(f"{keyword!r} is not a DICOM attribute keyword")
+        return value
+
+
+_REDIS_URL = re.compile(r"^(redis|rediss|redis\+socket)://")
+
+
+class Config(_Frozen):
+    """The whole of config.yaml."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    peers: list[Peer] = Field(default_factory=list)
+    accept_unknown_peers: bool = False
+    destinations: dict[str, Destination] = Field(default_factory=dict)
+    completion: Completion = Field(default_factory=Completion)
+    rules: list[Rule] = Field(default_factory=list)
+    broker: str = "embedded"
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    delivery: Delivery = Field(default_factory=Delivery)
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_kind(cls, value: str) -> str:
+        if value != "embedded" and not _REDIS_URL.match(value):
+            raise ValueError(f"broker must be 'embedded' or a redis:// URL. Found {value!r}.")
+        return value
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        from models.registry import available_models
+
+        known_models = available_models()
+        names: set[str] = set()
+        for rule in self.rules:
+            if rule.name in names:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            names.add(rule.name)
+            for model in rule.models:
+                if model not in known_models:
+                    raise ValueError(
+                        f"rule {rule.name!r} names model {model!r}, which does not exist; "
+                        f"available: {', '.join(sorted(known_models))}"
+                    )
+            for destination in rule.send_to:
+                if destination not in self.destinations:
+                    raise ValueError(
+                        f"rule {rule.name!r} sends to {destination!r}, which is not under "
+                        f"destinations; defined: {', '.join(sorted(self.destinations)) or 'none'}"
+                    )
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when ``pacsnode run`` starts its own Redis and worker."""
+        return self.broker == "embedded"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective configuration for the log, with broker credentials hidden."""
+        data = self.model_dump(mode="json")
+        data["broker"] = re.sub(r"//[^@/]*@", "//***@", self.broker)
+        return data
+
+
+class ConfigError(Exception):
+    """config.yaml is unreadable or invalid; ``errors`` holds one line per problem."""
+
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        super().__init__(f"{path}: " + "; ".join(errors))
+
+
+def _yaml_path(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part in {"function-after[_one_kind()]", "function-before[_shorthand()]"}:
+            continue
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def _format_errors(error: ValidationError) -> Iterator[str]:
+    for item in error.errors():
+        loc = tuple(
+            part
+            for part in item["loc"]
+            if not (isinstance(part, str) and part.startswith(("function-", "str", "float", "int")))
+        )
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (not part of the configuration)"
+        yield f"{_yaml_path(loc)}: {message}"
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing, is not YAML, or does not validate; every problem is listed
+        with its YAML path.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, [f"not valid YAML: {exc}"]) from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, ["the top level must be a mapping of settings"])
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(path, list(_format_errors(exc))) from exc
+    if not config.node.data_dir.is_absolute():
+        # Relative data folders are relative to the config file, not to the current directory.
+        node = config.node.model_copy(
+            update={"data_dir": (path.parent / config.node.data_dir).resolve()}
+        )
+        config = config.model_copy(update={"node": node})
+    return config

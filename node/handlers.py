@@ -1,0 +1,152 @@
+"""SCP event handlers: who may associate, C-ECHO and C-STORE.
+
+A C-STORE handler only validates, writes the received bytes to the spool and records
+them; it never decodes pixel data and never runs a model (STYLE.md "Architecture").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import sqlite3
+import zlib
+from io import BytesIO
+from typing import Any, cast
+
+from pydicom import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.events import Event
+
+from node.config import Config
+from node.spool import InvalidUIDError, Spool, check_uid
+from node.state import StateDB
+
+__all__ = [
+    "CANNOT_UNDERSTAND",
+    "OUT_OF_RESOURCES",
+    "SUCCESS",
+    "handle_association_request",
+    "handle_echo",
+    "handle_store",
+]
+
+logger = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 Annex B.2.3); named so a slip between similar codes shows.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
+_REJECT_PERMANENT = 0x01
+_SOURCE_SERVICE_USER = 0x01
+_CALLING_AE_NOT_RECOGNISED = 0x03
+
+_SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+def handle_association_request(event: Event, config: Config) -> None:
+    """Reject associations from peers that config.yaml does not list (AE title + host)."""
+    if config.accept_unknown_peers:
+        return
+    assoc = event.assoc
+    primitive = assoc.requestor.primitive
+    calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
+    host = assoc.requestor.address
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for peer in config.peers:
+        if peer.ae_title == calling_ae and address == ipaddress.ip_address(peer.host):
+            return
+    logger.warning(
+        "rejected association from unknown peer %s at %s",
+        calling_ae,
+        host,
+        extra={"calling_ae_title": calling_ae, "peer_host": host},
+    )
+    assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+
+
+def handle_echo(event: Event) -> int:
+    return SUCCESS
+
+
+def _stop_after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag > _SERIES_INSTANCE_UID)
+
+
+def _read_study_and_series(event: Event) -> tuple[str, str]:
+    """Study and Series Instance UIDs, read from the received bytes without decoding the rest."""
+    request = cast(Any, event.request)
+    stream = cast(BytesIO, request.DataSet)
+    transfer_syntax = UID(event.context.transfer_syntax)
+    if transfer_syntax.is_deflated:
+        stream = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
+    stream.seek(0)
+    header = read_dataset(
+        stream,
+        transfer_syntax.is_implicit_VR,
+        transfer_syntax.is_little_endian,
+        stop_when=_stop_after_series_uid,
+    )
+    study = str(header.get("StudyInstanceUID", ""))
+    series = str(header.get("SeriesInstanceUID", ""))
+    return study, series
+
+
+def handle_store(event: Event, spool: Spool, db: StateDB) -> int | Dataset:
+    """Write the instance as received, record it, and only then answer Success.
+
+    Any write failure (disk full included) answers Out of Resources; a dataset whose UIDs
+    are missing or malformed answers Cannot Understand. Neither affects other instances.
+    """
+    request = cast(Any, event.request)
+    calling_ae = event.assoc.requestor.ae_title.strip()
+    try:
+        sop_instance_uid = check_uid(str(request.AffectedSOPInstanceUID), "SOPInstanceUID")
+        sop_class_uid = check_uid(str(request.AffectedSOPClassUID), "SOPClassUID")
+        study_uid, series_uid = _read_study_and_series(event)
+        path = spool.path_for(study_uid, series_uid, sop_instance_uid)
+    except (InvalidUIDError, ValueError, EOFError, OSError, zlib.error) as exc:
+        logger.warning("refused an instance from %s: %s", calling_ae, exc)
+        return _status(CANNOT_UNDERSTAND, str(exc))
+
+    try:
+        # Preamble + file meta + the dataset bytes as sent: no decode, no re-encode.
+        path = spool.write(
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_instance_uid,
+            file_meta=encode_file_meta(event.file_meta),
+            dataset=cast(BytesIO, request.DataSet).getbuffer(),
+        )
+        late = db.record_instance(
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=sop_class_uid,
+            series_instance_uid=series_uid,
+            study_instance_uid=study_uid,
+            calling_ae_title=calling_ae,
+            path=path,
+        )
+    except (OSError, sqlite3.Error) as exc:
+        logger.error("could not store %s: %s", sop_instance_uid, exc)
+        return _status(OUT_OF_RESOURCES, f"cannot store: {exc}")
+    if late:
+        logger.warning(
+            "instance %s arrived after series %s was complete; kept, not processed",
+            sop_instance_uid,
+            series_uid,
+        )
+    return SUCCESS

@@ -1,0 +1,99 @@
+"""Rules: which models a complete series goes to, decided from its DICOM attributes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom import Dataset
+from pydicom.multival import MultiValue
+
+from node.config import MatchCondition, Rule
+
+__all__ = ["RoutedModel", "condition_matches", "route_series", "rule_matches"]
+
+
+@dataclass(frozen=True)
+class RoutedModel:
+    """A model a series goes to, with the rules that chose it and their destinations."""
+
+    model: str
+    rules: tuple[str, ...]
+    destinations: tuple[str, ...]
+
+
+def _values(header: Dataset, keyword: str) -> list[str] | None:
+    if keyword not in header:
+        return None
+    value = header.data_element(keyword)
+    if value is None or value.value is None or value.value == "":
+        return None
+    raw = value.value
+    items = list(raw) if isinstance(raw, MultiValue | list | tuple) else [raw]
+    return [str(item).strip() for item in items]
+
+
+def _as_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def condition_matches(condition: MatchCondition, values: list[str] | None) -> bool:
+    """Whether an attribute's values satisfy one condition; a missing attribute never does.
+
+    ``equals`` compares the whole value (multiple values joined by ``\\``), numerically
+    when both sides are numbers; ``regex`` searches it; ``contains`` asks whether one of
+    the values equals the text (for multi-valued attributes such as ImageType) or, for a
+    single value, whether the text occurs in it; ``min``/``max`` bound a numeric value.
+    """
+    if values is None:
+        return False
+    joined = "\\".join(values)
+    if condition.equals is not None:
+        expected = condition.equals
+        if isinstance(expected, float | int):
+            number = _as_float(joined)
+            return number is not None and number == float(expected)
+        return joined == str(expected).strip()
+    if condition.regex is not None:
+        return re.search(condition.regex, joined) is not None
+    if condition.contains is not None:
+        if len(values) > 1:
+            return condition.contains in values
+        return condition.contains in joined
+    number = _as_float(values[0]) if len(values) == 1 else None
+    if number is None:
+        return False
+    if condition.min is not None and number < condition.min:
+        return False
+    return not (condition.max is not None and number > condition.max)
+
+
+def rule_matches(rule: Rule, header: Dataset, instance_count: int) -> bool:
+    """Whether a series (one instance's header and how many instances) matches ``rule``."""
+    if instance_count < rule.min_instances:
+        return False
+    return all(
+        condition_matches(condition, _values(header, keyword))
+        for keyword, condition in rule.match.items()
+    )
+
+
+def route_series(rules: Sequence[Rule], header: Dataset, instance_count: int) -> list[RoutedModel]:
+    """The models a series goes to; each model once, with the destinations of every rule
+    that chose it (in config order)."""
+    chosen: dict[str, tuple[list[str], list[str]]] = {}
+    for rule in rules:
+        if not rule_matches(rule, header, instance_count):
+            continue
+        for model in rule.models:
+            rule_names, destinations = chosen.setdefault(model, ([], []))
+            rule_names.append(rule.name)
+            destinations.extend(d for d in rule.send_to if d not in destinations)
+    return [
+        RoutedModel(model=model, rules=tuple(names), destinations=tuple(destinations))
+        for model, (names, destinations) in chosen.items()
+    ]

@@ -1,0 +1,71 @@
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import Config
+from node.handlers import handle_association_request, handle_echo, handle_store
+from node.spool import Spool
+from node.state import StateDB
+
+__all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "start_scp"]
+
+_VERIFICATION = "1.2.840.10008.1.1"
+
+logger = logging.getLogger(__name__)
+
+# Accepted as sent: we store the bytes and decode only in the worker.
+ACCEPTED_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old devices)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless (Process 14)
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
+
+
+def start_scp(config: Config, spool: Spool, db: StateDB) -> ThreadedAssociationServer:
+    """Start listening on the configured port (non-blocking); returns the server."""
+    ae = AE(ae_title=config.node.ae_title)
+    ae.maximum_pdu_size = config.node.max_pdu_bytes
+    ae.require_called_aet = True
+    ae.network_timeout = 60
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    ae.maximum_associations = 32
+    ae.add_supported_context(_VERIFICATION)
+    for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
+        ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    handlers: list[Any] = [
+        (evt.EVT_REQUESTED, handle_association_request, [config]),
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [spool, db]),
+    ]
+    server = ae.start_server(
+        (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers
+    )
+    assert server is not None  # always returned when block=False
+    logger.info(
+        "SCP %s listening on %s:%d",
+        config.node.ae_title,
+        config.node.bind_address,
+        config.node.port,
+    )
+    return server

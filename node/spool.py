@@ -1,0 +1,147 @@
+"""The spool: received instances on disk, exactly as the peer sent them.
+
+Layout: ``<data_dir>/spool/<study UID>/<series UID>/<SOP instance UID>.dcm``. Files are
+written to ``spool/.incoming`` first, fsynced, then renamed into place, so a file in the
+tree is always whole. UIDs are checked before they become path parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["InvalidUIDError", "Spool", "SpooledInstance", "check_uid"]
+
+logger = logging.getLogger(__name__)
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# Zero-padded, not stripped: what we write is exactly what the peer sent.
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+class InvalidUIDError(ValueError):
+    """A UID that is not a valid DICOM UID (and so may not become a file name)."""
+
+
+def check_uid(value: str, name: str) -> str:
+    """Return ``value`` if it is a valid DICOM UID.
+
+    Raises
+    ------
+    InvalidUIDError
+        If it is empty, longer than 64 characters, or not dot-separated numbers without
+        leading zeros.
+    """
+    value = value.strip().rstrip("\x00")
+    if not value or len(value) > 64 or not _UID.match(value):
+        raise InvalidUIDError(f"{name} {value[:80]!r} is not a valid DICOM UID")
+    return value
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    path: Path
+
+
+class Spool:
+    """Atomic, durable writes of received instances.
+
+    Parameters
+    ----------
+    root
+        ``<data_dir>/spool``; created if missing.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.incoming = root / ".incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        self._known_dirs: set[Path] = set()
+
+    def path_for(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> Path:
+        return (
+            self.root
+            / check_uid(study_instance_uid, "StudyInstanceUID")
+            / check_uid(series_instance_uid, "SeriesInstanceUID")
+            / f"{check_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+        )
+
+    def series_dir(self, study_instance_uid: str, series_instance_uid: str) -> Path:
+        return self.root / study_instance_uid / series_instance_uid
+
+    def write(
+        self,
+        *,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        sop_instance_uid: str,
+        file_meta: bytes,
+        dataset: memoryview | bytes,
+    ) -> Path:
+        """Write preamble, file meta and dataset; return the final path once durable.
+
+        Raises
+        ------
+        InvalidUIDError
+            If a UID is not valid.
+        OSError
+            If anything cannot be written (disk full included); nothing is left behind.
+        """
+        final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid)
+        temporary = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            with open(temporary, "wb") as fp:
+                fp.write(_PREAMBLE)
+                fp.write(file_meta)
+                fp.write(dataset)
+                fp.flush()
+                os.fsync(fp.fileno())
+            directory = final.parent
+            if directory not in self._known_dirs:
+                directory.mkdir(parents=True, exist_ok=True)
+                _fsync_dir(directory.parent)
+                _fsync_dir(directory.parent.parent)
+                self._known_dirs.add(directory)
+            os.replace(temporary, final)
+            _fsync_dir(directory)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        return final
+
+    def clean_incoming(self) -> int:
+        """Remove partial files left by a crash; returns how many."""
+        removed = 0
+        for leftover in self.incoming.glob("*.part"):
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def scan(self) -> Iterator[SpooledInstance]:
+        """Every whole instance in the spool, named by its path."""
+        for path in self.root.glob("*/*/*.dcm"):
+            yield SpooledInstance(
+                study_instance_uid=path.parent.parent.name,
+                series_instance_uid=path.parent.name,
+                sop_instance_uid=path.stem,
+                path=path,
+            )
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,510 @@
+"""Test data: synthetic and real CT volumes, and writers for CT series (valid and broken).
+
+Every writer produces files that ``dciodvfy`` accepts without errors, so tests exercise
+the same kind of input a scanner sends.
+"""
+
+from __future__ import annotations
+
+import functools
+import plistlib
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
+
+__all__ = [
+    "CRANIUM_PATH",
+    "ChestPhantom",
+    "Orientation",
+    "chest_phantom",
+    "cranium_hu",
+    "orientation_cosines",
+    "write_broken_file",
+    "write_ct_series",
+]
+
+#: The real head CT shipped by the Debian package ``invesalius-examples``.
+CRANIUM_PATH = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+
+#: HU values of the chest phantom's materials.
+AIR_HU = -1000
+SOFT_TISSUE_HU = 40
+LUNG_HU = -850
+BONE_HU = 700
+
+Vector3 = tuple[float, float, float]
+Orientation = Literal["axial", "sagittal", "coronal", "oblique"]
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_COMPRESSED = (RLELossless, JPEG2000Lossless)
+
+
+@dataclass(frozen=True)
+class ChestPhantom:
+    """A synthetic chest CT with exact masks of what it contains.
+
+    Attributes
+    ----------
+    hu
+        CT numbers as int16, shape (slices, rows, columns).
+    spacing_mm
+        (between slices, between rows, between columns) in mm.
+    body
+        Whole body outline, lungs and spine included.
+    lungs
+        Both lungs.
+    spine
+        The spine (bone).
+    """
+
+    hu: npt.NDArray[np.int16]
+    spacing_mm: Vector3
+    body: npt.NDArray[np.bool_]
+    lungs: npt.NDArray[np.bool_]
+    spine: npt.NDArray[np.bool_]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL."""
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    @property
+    def expected_labels(self) -> npt.NDArray[np.uint8]:
+        """The exclusive label map ct-tissue must produce: 1 soft tissue, 2 lung, 3 bone."""
+        labels = np.zeros(self.hu.shape, dtype=np.uint8)
+        labels[self.body] = 1
+        labels[self.lungs] = 2
+        labels[self.spine] = 3
+        return labels
+
+
+def _ellipse(
+    rows: int, cols: int, center: tuple[float, float], semi_axes: tuple[float, float]
+) -> npt.NDArray[np.bool_]:
+    """Pixels whose centres lie inside an axis-aligned ellipse (row, column units)."""
+    j, i = np.mgrid[0:rows, 0:cols].astype(np.float64)
+    inside = ((j - center[0]) / semi_axes[0]) ** 2 + ((i - center[1]) / semi_axes[1]) ** 2
+    return np.asarray(inside <= 1.0)
+
+
+def chest_phantom(
+    shape: tuple[int, int, int] = (40, 128, 128),
+    spacing_mm: Vector3 = (2.5, 1.5, 1.5),
+) -> ChestPhantom:
+    """A synthetic chest CT: body, two lungs and a spine as uniform elliptic cylinders.
+
+    Air (-1000 HU) surrounds an elliptic body (40 HU) that runs through every slice. Two
+    lungs (-850 HU) lie fully inside the body in every slice, and a round spine (700 HU)
+    lies posterior (towards higher row indices, i.e. +y for an axial HFS series). There is
+    no noise and no partial volume, so thresholding recovers the masks exactly. Sizes scale
+    with ``shape``.
+
+    Parameters
+    ----------
+    shape
+        (slices, rows, columns); rows and columns at least 32.
+    spacing_mm
+        (between slices, between rows, between columns) in mm.
+
+    Returns
+    -------
+    ChestPhantom
+        The volume and its exact masks.
+
+    Raises
+    ------
+    ValueError
+        If the shape is too small, or a lung would hold 100 mL or less or be thinner than
+        40 mm.
+    """
+    n_slices, rows, cols = shape
+    if n_slices < 1 or rows < 32 or cols < 32:
+        raise ValueError(f"shape must have 1+ slices and 32+ rows and columns. Found {shape}.")
+    cy, cx = (rows - 1) / 2.0, (cols - 1) / 2.0
+    body_2d = _ellipse(rows, cols, (cy, cx), (0.33 * rows, 0.44 * cols))
+    lung_axes = (0.2 * rows, 0.12 * cols)
+    lung_center_row = cy - 0.03 * rows
+    right_2d = _ellipse(rows, cols, (lung_center_row, cx - 0.2 * cols), lung_axes)
+    left_2d = _ellipse(rows, cols, (lung_center_row, cx + 0.2 * cols), lung_axes)
+    spine_radius = 0.06 * min(rows, cols)
+    spine_2d = _ellipse(rows, cols, (cy + 0.24 * rows, cx), (spine_radius, spine_radius))
+    lungs_2d = right_2d | left_2d
+    # The shapes are disjoint and inside the body by construction; check it anyway.
+    assert not (lungs_2d & spine_2d).any()
+    assert not ((lungs_2d | spine_2d) & ~body_2d).any()
+
+    lung_thickness_mm = 2.0 * min(lung_axes[0] * spacing_mm[1], lung_axes[1] * spacing_mm[2])
+    if lung_thickness_mm < 40.0:
+        raise ValueError(
+            f"the lungs would be {lung_thickness_mm:.1f} mm thick; choose a larger shape or "
+            f"spacing_mm so they are at least 40 mm thick (ct-tissue drops thin air pockets)."
+        )
+    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+    for name, lung in (("right", right_2d), ("left", left_2d)):
+        volume_ml = float(lung.sum()) * n_slices * voxel_ml
+        if volume_ml <= 100.0:
+            raise ValueError(
+                f"the {name} lung would hold {volume_ml:.1f} mL; choose a larger shape or "
+                f"spacing_mm so each lung exceeds 100 mL."
+            )
+
+    def stack(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+        return np.ascontiguousarray(np.broadcast_to(mask, shape))
+
+    body, lungs, spine = stack(body_2d), stack(lungs_2d), stack(spine_2d)
+    hu = np.full(shape, AIR_HU, dtype=np.int16)
+    hu[body] = SOFT_TISSUE_HU
+    hu[lungs] = LUNG_HU
+    hu[spine] = BONE_HU
+    return ChestPhantom(
+        hu=hu,
+        spacing_mm=(float(spacing_mm[0]), float(spacing_mm[1]), float(spacing_mm[2])),
+        body=body,
+        lungs=lungs,
+        spine=spine,
+    )
+
+
+@functools.cache
+def _read_cranium() -> tuple[bytes, Vector3, tuple[int, int, int]]:
+    with tarfile.open(CRANIUM_PATH, "r:gz") as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        main_file = tar.extractfile(members["main.plist"])
+        assert main_file is not None
+        main = plistlib.load(main_file)
+        matrix = main["matrix"]
+        if matrix["dtype"] != "int16":
+            raise ValueError(f"{CRANIUM_PATH}: expected an int16 matrix, found {matrix['dtype']}")
+        data_file = tar.extractfile(members[matrix["filename"]])
+        assert data_file is not None
+        raw = data_file.read()
+    n_slices, rows, cols = (int(n) for n in matrix["shape"])
+    # InVesalius stores spacing as (x, y, z) = (column, row, slice).
+    sx, sy, sz = (float(s) for s in main["spacing"])
+    return raw, (sz, sy, sx), (n_slices, rows, cols)
+
+
+def cranium_hu() -> tuple[npt.NDArray[np.int16], Vector3]:
+    """The head CT from ``invesalius-examples`` (Cranium.inv3) in HU.
+
+    The project file is a gzip tar; ``main.plist`` describes ``matrix.dat``, a raw
+    little-endian int16 volume of shape (108, 256, 256) (slices, rows, columns) already
+    in HU (-1024 to 2986), with spacing (x, y, z) = (0.957, 0.957, 1.5) mm.
+
+    Returns
+    -------
+    tuple
+        The volume (int16, (slices, rows, columns)) and its spacing in mm as
+        (between slices, between rows, between columns).
+
+    Raises
+    ------
+    FileNotFoundError
+        If the Debian package ``invesalius-examples`` is not installed.
+    """
+    raw, spacing, shape = _read_cranium()
+    hu = np.frombuffer(raw, dtype="<i2").reshape(shape).astype(np.int16)
+    return hu, spacing
+
+
+def _unit(v: Sequence[float]) -> npt.NDArray[np.float64]:
+    a = np.asarray(v, dtype=np.float64)
+    return np.asarray(a / np.linalg.norm(a))
+
+
+def orientation_cosines(
+    orientation: Orientation | tuple[Sequence[float], Sequence[float]],
+) -> tuple[Vector3, Vector3]:
+    """Row and column direction cosines (ImageOrientationPatient) of an orientation.
+
+    Parameters
+    ----------
+    orientation
+        ``"axial"`` (row +x, column +y), ``"sagittal"`` (row +y, column -z),
+        ``"coronal"`` (row +x, column -z), ``"oblique"`` (axial turned 20 degrees about
+        x, then 15 degrees about z), or explicit (row, column) direction cosines.
+
+    Returns
+    -------
+    tuple
+        (row direction, column direction) as unit vectors.
+
+    Raises
+    ------
+    ValueError
+        If the name is unknown or explicit cosines are not orthogonal.
+    """
+    if isinstance(orientation, str):
+        if orientation == "axial":
+            return (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+        if orientation == "sagittal":
+            return (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)
+        if orientation == "coronal":
+            return (1.0, 0.0, 0.0), (0.0, 0.0, -1.0)
+        if orientation == "oblique":
+            a, b = np.deg2rad(20.0), np.deg2rad(15.0)
+            rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+            rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+            r = rz @ rx
+            row_v, col_v = r[:, 0], r[:, 1]
+        else:
+            raise ValueError(
+                "orientation must be 'axial', 'sagittal', 'coronal', 'oblique' or "
+                f"(row, column) cosines. Found {orientation!r}."
+            )
+    else:
+        row_v, col_v = _unit(orientation[0]), _unit(orientation[1])
+        if abs(float(row_v @ col_v)) > 1e-6:
+            raise ValueError(f"row and column cosines must be orthogonal. Found {orientation}.")
+    return (
+        (float(row_v[0]), float(row_v[1]), float(row_v[2])),
+        (float(col_v[0]), float(col_v[1]), float(col_v[2])),
+    )
+
+
+def _ds(value: float) -> str:
+    """A DS string of at most 16 characters, as precise as that allows."""
+    for digits in range(12, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    raise ValueError(f"cannot format {value} as DS")
+
+
+def write_ct_series(
+    hu: npt.ArrayLike,
+    out_dir: Path,
+    *,
+    spacing_mm: Sequence[float],
+    orientation: Orientation | tuple[Sequence[float], Sequence[float]] = "axial",
+    origin: Sequence[float] = (-100.0, -120.0, -50.0),
+    feet_first: bool = False,
+    patient_id: str = "PHANTOM-001",
+    patient_name: str = "Phantom^Chest",
+    study_instance_uid: str | None = None,
+    series_instance_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
+    series_number: int = 1,
+    series_description: str = "Synthetic CT",
+    image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "AXIAL"),
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    signed: bool = True,
+    rescale_slope: float = 1.0,
+    modality: str = "CT",
+    shuffle: bool = False,
+) -> list[Path]:
+    """Write a volume as a CT Image Storage series, one file per slice.
+
+    Voxel ``hu[k, j, i]`` (slice, row, column) is placed at patient position::
+
+        origin + k * spacing_mm[0] * normal + j * spacing_mm[1] * column_dir
+               + i * spacing_mm[2] * row_dir
+
+    with ``normal = row_dir x column_dir``, so a correct loader returns ``hu`` unchanged.
+
+    Parameters
+    ----------
+    hu
+        CT numbers, shape (slices, rows, columns); stored exactly if they fit the pixel
+        representation after rescaling.
+    out_dir
+        Folder for the files (created if missing); files are named ``ct_0001.dcm`` ... in
+        InstanceNumber order.
+    spacing_mm
+        (between slices, PixelSpacing[0] = between rows, PixelSpacing[1] = between columns).
+    orientation
+        A named orientation or explicit (row, column) direction cosines; see
+        :func:`orientation_cosines`.
+    origin
+        ImagePositionPatient of slice 0.
+    feet_first
+        Record PatientPosition FFS and number instances against the slice normal (instance
+        1 is the last slice of ``hu``), so file order is the reverse of position order.
+    patient_id, patient_name
+        Patient identification.
+    study_instance_uid, series_instance_uid, frame_of_reference_uid
+        UIDs; new ones are generated when None.
+    series_number, series_description, image_type, modality
+        Series attributes; ``modality`` other than CT is for negative tests only.
+    transfer_syntax
+        Explicit or Implicit VR Little Endian, RLE Lossless or JPEG 2000 Lossless.
+    signed
+        Store signed pixels with RescaleIntercept 0, or unsigned ones with intercept -1024.
+    rescale_slope
+        RescaleSlope; stored values are ``round((hu - intercept) / slope)``.
+    shuffle
+        Return the paths in a random (seeded) order instead of InstanceNumber order.
+
+    Returns
+    -------
+    list of Path
+        The written files.
+
+    Raises
+    ------
+    ValueError
+        If ``hu`` is not 3-D, the transfer syntax is not supported, or values do not fit.
+    """
+    volume = np.asarray(hu)
+    if volume.ndim != 3:
+        raise ValueError(f"hu must be 3-D (slices, rows, columns). Found shape {volume.shape}.")
+    ts = UID(transfer_syntax)
+    if ts not in _UNCOMPRESSED + _COMPRESSED:
+        raise ValueError(f"transfer_syntax {ts.name} is not supported by this writer.")
+    n_slices, rows, cols = volume.shape
+    row_dir, col_dir = orientation_cosines(orientation)
+    normal = np.cross(row_dir, col_dir)
+    origin_v = np.asarray(origin, dtype=np.float64)
+
+    intercept = 0.0 if signed else -1024.0
+    stored = np.round((volume.astype(np.float64) - intercept) / rescale_slope)
+    dtype = np.dtype(np.int16 if signed else np.uint16)
+    info = np.iinfo(dtype)
+    if stored.min() < info.min or stored.max() > info.max:
+        raise ValueError(
+            f"hu does not fit {dtype} after rescaling (slope {rescale_slope}, intercept "
+            f"{intercept}); range {stored.min()}..{stored.max()}."
+        )
+    pixels = stored.astype(dtype)
+
+    study_uid = study_instance_uid or generate_uid()
+    series_uid = series_instance_uid or generate_uid()
+    for_uid = frame_of_reference_uid or generate_uid()
+    now = datetime.now()
+    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    window_center = float(np.median(volume))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for k in range(n_slices):
+        instance_number = n_slices - k if feet_first else k + 1
+        position = origin_v + k * float(spacing_mm[0]) * normal
+
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = list(image_type)
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyDate = date
+        ds.SeriesDate = date
+        ds.AcquisitionDate = date
+        ds.ContentDate = date
+        ds.StudyTime = time
+        ds.SeriesTime = time
+        ds.AcquisitionTime = time
+        ds.ContentTime = time
+        ds.AccessionNumber = ""
+        ds.Modality = modality
+        ds.Manufacturer = "pacsnode tests"
+        ds.InstitutionName = "pacsnode"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "Synthetic study"
+        ds.SeriesDescription = series_description
+        ds.ManufacturerModelName = "dicom_factory"
+        ds.PatientName = patient_name
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "CHEST"
+        ds.SliceThickness = _ds(float(spacing_mm[0]))
+        ds.KVP = "120"
+        ds.PatientPosition = "FFS" if feet_first else "HFS"
+        ds.StudyInstanceUID = study_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.StudyID = "1"
+        ds.SeriesNumber = series_number
+        ds.AcquisitionNumber = 1
+        ds.InstanceNumber = instance_number
+        ds.ImagePositionPatient = [_ds(float(v)) for v in position]
+        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+        ds.FrameOfReferenceUID = for_uid
+        ds.PositionReferenceIndicator = ""
+        ds.SliceLocation = _ds(float(position @ normal))
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows = rows
+        ds.Columns = cols
+        ds.PixelSpacing = [_ds(float(spacing_mm[1])), _ds(float(spacing_mm[2]))]
+        ds.BitsAllocated = 16
+        ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 1 if signed else 0
+        ds.WindowCenter = _ds(window_center)
+        ds.WindowWidth = "400"
+        ds.RescaleIntercept = _ds(intercept)
+        ds.RescaleSlope = _ds(rescale_slope)
+        ds.RescaleType = "HU"
+
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ts if ts in _UNCOMPRESSED else ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        frame = np.ascontiguousarray(pixels[k])
+        if ts in _COMPRESSED:
+            ds.compress(ts, frame, generate_instance_uid=False)
+        else:
+            ds.PixelData = frame.tobytes()
+
+        path = out_dir / f"ct_{instance_number:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+
+    paths.sort()
+    if shuffle:
+        order = np.random.default_rng(12345).permutation(len(paths))
+        paths = [paths[int(n)] for n in order]
+    return paths
+
+
+def write_broken_file(
+    source: Path, target: Path, *, kind: Literal["truncated", "no_pixel_data"]
+) -> Path:
+    """Write a broken copy of a valid DICOM file.
+
+    Parameters
+    ----------
+    source
+        A valid DICOM file.
+    target
+        Where to write the copy (may equal ``source`` to break it in place).
+    kind
+        ``"truncated"``: the first half of the bytes; ``"no_pixel_data"``: the dataset
+        re-written without PixelData.
+
+    Returns
+    -------
+    Path
+        ``target``.
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is unknown.
+    """
+    if kind == "truncated":
+        data = source.read_bytes()
+        target.write_bytes(data[: len(data) // 2])
+    elif kind == "no_pixel_data":
+        ds = dcmread(source)
+        del ds.PixelData
+        ds.save_as(target, enforce_file_format=True)
+    else:
+        raise ValueError(f"kind must be 'truncated' or 'no_pixel_data'. Found {kind!r}.")
+    return target

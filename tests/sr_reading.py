@@ -1,0 +1,104 @@
+"""Read pacsnode's measurement numbers back out of an SR content tree (tests only).
+
+Plain pydicom walking, independent of highdicom's parsing, so the tests check what a
+PACS would find in the file: each TID 1411 measurement group (DCM 125007 "Measurement
+Group") is named by its Tracking Identifier (DCM 112039) and holds NUM items.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from pydicom import Dataset
+
+__all__ = [
+    "iter_measurement_groups",
+    "read_means",
+    "read_num",
+    "read_referenced_segments",
+    "read_volumes_ml",
+]
+
+_MEASUREMENT_GROUP = ("125007", "DCM")
+_TRACKING_IDENTIFIER = ("112039", "DCM")
+_REFERENCED_SEGMENT = ("121191", "DCM")
+_VOLUME = ("118565006", "SCT")
+_MEAN_NAMES = {("112031", "DCM"), ("373098007", "SCT")}
+
+
+def _concept(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    return (str(code.CodeValue), str(code.CodingSchemeDesignator))
+
+
+def _walk(items: list[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        yield from _walk(list(item.get("ContentSequence", [])))
+
+
+def iter_measurement_groups(sr: Dataset) -> Iterator[tuple[str, Dataset]]:
+    """(tracking identifier, group container) for every measurement group in ``sr``."""
+    for item in _walk(list(sr.ContentSequence)):
+        if item.ValueType != "CONTAINER" or _concept(item) != _MEASUREMENT_GROUP:
+            continue
+        names = [
+            str(child.TextValue)
+            for child in item.ContentSequence
+            if child.ValueType == "TEXT" and _concept(child) == _TRACKING_IDENTIFIER
+        ]
+        if len(names) != 1:
+            raise AssertionError(f"measurement group has {len(names)} tracking identifiers")
+        yield names[0], item
+
+
+def read_num(group: Dataset, concepts: set[tuple[str, str]]) -> tuple[float, str]:
+    """(value, UCUM unit code) of the one NUM child of ``group`` named by ``concepts``."""
+    found = [
+        child
+        for child in group.ContentSequence
+        if child.ValueType == "NUM" and _concept(child) in concepts
+    ]
+    if len(found) != 1:
+        raise AssertionError(f"expected one NUM of {concepts}, found {len(found)}")
+    measured = found[0].MeasuredValueSequence[0]
+    unit = str(measured.MeasurementUnitsCodeSequence[0].CodeValue)
+    return float(measured.NumericValue), unit
+
+
+def read_volumes_ml(sr: Dataset) -> dict[str, float]:
+    """Segment name (tracking identifier) -> volume in mL, from every measurement group.
+
+    Raises
+    ------
+    AssertionError
+        If a volume is missing or not in mL.
+    """
+    volumes = {}
+    for name, group in iter_measurement_groups(sr):
+        value, unit = read_num(group, {_VOLUME})
+        if unit not in {"mL", "ml"}:
+            raise AssertionError(f"volume of {name!r} has unit {unit!r}, not mL")
+        volumes[name] = value
+    return volumes
+
+
+def read_means(sr: Dataset) -> dict[str, tuple[float, str]]:
+    """Segment name -> (mean value, UCUM unit code) from every measurement group."""
+    return {name: read_num(group, _MEAN_NAMES) for name, group in iter_measurement_groups(sr)}
+
+
+def read_referenced_segments(sr: Dataset) -> dict[str, tuple[str, int]]:
+    """Segment name -> (referenced SEG SOP instance UID, segment number)."""
+    refs = {}
+    for name, group in iter_measurement_groups(sr):
+        images = [
+            child
+            for child in group.ContentSequence
+            if child.ValueType == "IMAGE" and _concept(child) == _REFERENCED_SEGMENT
+        ]
+        if len(images) != 1:
+            raise AssertionError(f"group {name!r} references {len(images)} segments")
+        sop = images[0].ReferencedSOPSequence[0]
+        refs[name] = (str(sop.ReferencedSOPInstanceUID), int(sop.ReferencedSegmentNumber))
+    return refs

@@ -1,0 +1,103 @@
+"""One job, start to finish: series on disk -> model -> SEG + SR files on disk.
+
+Pure functions called by the Celery task; no Celery here, so tests call them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.base import ModelError
+from models.registry import get_model
+from workers.seg import build_seg
+from workers.series import SeriesError, load_series
+from workers.sr import build_sr
+from workers.storage import write_dataset_atomic
+from workers.uids import ResultUids
+
+__all__ = ["SEG_FILE", "SR_FILE", "run_job"]
+
+logger = logging.getLogger(__name__)
+
+SEG_FILE = "seg.dcm"
+SR_FILE = "sr.dcm"
+
+
+def _failed(job_id: int, reason: str) -> dict[str, Any]:
+    logger.warning("job %d failed: %s", job_id, reason, extra={"job_id": job_id})
+    return {"status": "failed", "reason": reason}
+
+
+def run_job(*, job_id: int, model_name: str, series_dir: Path, output_dir: Path) -> dict[str, Any]:
+    """Run one job and describe the outcome as JSON-able data.
+
+    A problem with the input or the model's verdict on it (unreadable or inconsistent
+    series, unsuitable input, nothing found) is returned as ``{"status": "failed",
+    "reason": ...}`` for the node to record; anything unexpected is logged and raised.
+
+    Returns
+    -------
+    dict
+        ``{"status": "ok", "files": [...], "segments": [...], "timings_s": {...}}`` or the
+        failure above.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    paths = sorted(series_dir.glob("*.dcm"))
+    if not paths:
+        return _failed(job_id, f"no instances found in {series_dir}")
+    try:
+        series = load_series(paths)
+    except SeriesError as exc:
+        return _failed(job_id, str(exc))
+    timings["load"] = time.perf_counter() - started
+
+    model = get_model(model_name)
+    mark = time.perf_counter()
+    try:
+        label_map = model.predict(series.volume)
+    except ModelError as exc:
+        return _failed(job_id, f"{model.name}: {exc}")
+    timings["inference"] = time.perf_counter() - mark
+    if label_map.shape != series.volume.voxels.shape:
+        raise RuntimeError(
+            f"model {model.name} returned shape {label_map.shape} for a volume of "
+            f"shape {series.volume.voxels.shape}"
+        )
+    if not np.any(label_map):
+        return _failed(job_id, f"{model.name} found none of its labels in this series")
+
+    mark = time.perf_counter()
+    uids = ResultUids.for_job(
+        series.datasets[0].SeriesInstanceUID, model.name, model.version
+    )
+    seg, segments = build_seg(series, label_map, model, uids)
+    sr, measurements = build_sr(series, label_map, model, seg, segments, uids)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    seg_path = output_dir / SEG_FILE
+    sr_path = output_dir / SR_FILE
+    write_dataset_atomic(seg, seg_path)
+    write_dataset_atomic(sr, sr_path)
+    timings["results"] = time.perf_counter() - mark
+    timings["total"] = time.perf_counter() - started
+    logger.info(
+        "job %d: %s on %d slices done in %.2f s",
+        job_id,
+        model.name,
+        len(series.datasets),
+        timings["total"],
+        extra={"job_id": job_id},
+    )
+    return {
+        "status": "ok",
+        "files": [str(seg_path), str(sr_path)],
+        "seg_sop_instance_uid": str(seg.SOPInstanceUID),
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "measurements": [m.as_dict() for m in measurements],
+        "timings_s": timings,
+    }

@@ -1,0 +1,249 @@
+"""Label map -> DICOM Segmentation (BINARY) referencing the source series.
+
+One segment per label present in the label map, numbered 1, 2, ... in label-value order.
+The segment descriptions come from the model's :class:`models.base.LabelSpec`s, the UIDs
+from :class:`workers.uids.ResultUids`, so re-running a job rebuilds the same object.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.sr.coding import Code as PydicomCode
+
+from models.base import Code, LabelSpec, SegmentationModel
+from workers.series import LoadedSeries
+from workers.uids import ResultUids
+
+__all__ = [
+    "MANUFACTURER",
+    "SEG_SERIES_NUMBER",
+    "SegmentInfo",
+    "algorithm_identification",
+    "build_seg",
+    "pacsnode_version",
+    "present_labels",
+    "to_pydicom_code",
+]
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "pacsnode"
+SEG_SERIES_NUMBER = 901
+
+_CS_FORBIDDEN = re.compile(r"[^A-Z0-9_ ]")
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """How one label of the label map became one segment of the SEG."""
+
+    segment_number: int
+    label: LabelSpec
+    tracking_uid: str
+
+    @property
+    def label_value(self) -> int:
+        """The value of this label in the label map."""
+        return self.label.value
+
+    @property
+    def name(self) -> str:
+        """The segment label (the LabelSpec name)."""
+        return self.label.name
+
+
+def pacsnode_version() -> str:
+    """The installed pacsnode version, written as SoftwareVersions of every result."""
+    try:
+        return version("pacsnode")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def to_pydicom_code(code: Code) -> PydicomCode:
+    """The pydicom :class:`~pydicom.sr.coding.Code` for a model :class:`~models.base.Code`."""
+    return PydicomCode(code.value, code.scheme_designator, code.meaning)
+
+
+def algorithm_identification(model: SegmentationModel) -> hd.AlgorithmIdentificationSequence:
+    """The Segment Algorithm Identification for ``model`` (family, name, version)."""
+    return hd.AlgorithmIdentificationSequence(
+        name=model.name,
+        family=to_pydicom_code(model.algorithm_family),
+        version=model.version,
+        source=MANUFACTURER,
+    )
+
+
+def present_labels(label_map: npt.NDArray[np.integer], model: SegmentationModel) -> list[LabelSpec]:
+    """The model's labels that occur in ``label_map``, in label-value order.
+
+    ``label_map`` must hold non-negative integers.
+
+    Raises
+    ------
+    ValueError
+        If the label map holds a value that is not one of the model's labels.
+    """
+    counts = np.bincount(label_map.ravel()) if label_map.size else np.zeros(1, np.intp)
+    values = [int(v) for v in np.flatnonzero(counts) if v != 0]
+    declared = {spec.value: spec for spec in model.labels}
+    unknown = [v for v in values if v not in declared]
+    if unknown:
+        raise ValueError(
+            f"label map of model {model.name!r} holds values {unknown} that the model does "
+            f"not declare; declared labels are {sorted(declared)}."
+        )
+    return [declared[v] for v in values]
+
+
+def _content_label(model: SegmentationModel) -> str:
+    """A valid CS (at most 16 of A-Z, 0-9, _ and space) naming the model."""
+    label = _CS_FORBIDDEN.sub("_", model.name.upper())[:16].strip()
+    return label or "PACSNODE"
+
+
+def _check_inputs(series: LoadedSeries, label_map: npt.NDArray[np.integer]) -> None:
+    if not isinstance(label_map, np.ndarray):
+        raise TypeError(f"label_map must be a numpy array. Found {type(label_map).__name__}.")
+    if label_map.dtype.kind not in "ui":
+        raise TypeError(f"label_map must hold integers. Found dtype {label_map.dtype}.")
+    expected = series.volume.voxels.shape
+    if label_map.shape != expected:
+        raise ValueError(
+            f"label_map must have the volume's shape {expected}. Found {label_map.shape}."
+        )
+    if len(series.datasets) != expected[0]:
+        raise ValueError(
+            f"series has {len(series.datasets)} source instances for {expected[0]} slices; "
+            "they must match one to one."
+        )
+    if label_map.dtype.kind == "i" and label_map.size and int(label_map.min()) < 0:
+        raise ValueError("label_map must not hold negative values.")
+
+
+def _derive_dimension_organization_uid(seg: hd.seg.Segmentation, uids: ResultUids) -> None:
+    """Replace highdicom's random DimensionOrganizationUID by one derived from the job.
+
+    highdicom draws a fresh UID per build; a re-run must write the same object, so every
+    occurrence (the organization item and each dimension index) gets the derived UID.
+    """
+    derived = uids.derive("dimension-organization")
+    for item in seg.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = derived
+    for item in seg.get("DimensionIndexSequence", []):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = derived
+
+
+def build_seg(
+    series: LoadedSeries,
+    label_map: npt.NDArray[np.integer],
+    model: SegmentationModel,
+    uids: ResultUids,
+    *,
+    series_number: int = SEG_SERIES_NUMBER,
+    device_serial_number: str = "1",
+) -> tuple[hd.seg.Segmentation, list[SegmentInfo]]:
+    """Build a BINARY Segmentation of ``label_map`` on ``series``.
+
+    Parameters
+    ----------
+    series
+        The source series; ``series.datasets[k]`` is slice ``k`` of the label map.
+    label_map
+        Integer array with the shape of ``series.volume.voxels``; 0 is background, other
+        values are the model's label values.
+    model
+        The model that produced ``label_map``; it names and codes the segments.
+    uids
+        The job's result UIDs (SEG series and instance UIDs, segment tracking UIDs).
+    series_number
+        SeriesNumber of the SEG series.
+    device_serial_number
+        DeviceSerialNumber written in the equipment module (e.g. the node's name).
+
+    Returns
+    -------
+    tuple[highdicom.seg.Segmentation, list[SegmentInfo]]
+        The SEG and, per segment in segment-number order, which label it holds.
+
+    Raises
+    ------
+    TypeError
+        If ``label_map`` is not an integer numpy array.
+    ValueError
+        If ``label_map`` does not match the series, holds values the model does not
+        declare, or holds no label at all.
+    """
+    _check_inputs(series, label_map)
+    specs = present_labels(label_map, model)
+    if not specs:
+        raise ValueError(
+            f"label map of model {model.name!r} holds no label (all background); "
+            "there is no segment to write."
+        )
+    algorithm = algorithm_identification(model)
+    segments = [
+        SegmentInfo(
+            segment_number=number,
+            label=spec,
+            tracking_uid=uids.derive("segment", str(spec.value)),
+        )
+        for number, spec in enumerate(specs, start=1)
+    ]
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=info.segment_number,
+            segment_label=info.label.name,
+            segmented_property_category=to_pydicom_code(info.label.category),
+            segmented_property_type=to_pydicom_code(info.label.property_type),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=info.tracking_uid,
+            tracking_id=info.label.name,
+            display_color=hd.color.CIELabColor.from_rgb(*info.label.color_rgb),
+        )
+        for info in segments
+    ]
+
+    # Label values -> consecutive segment numbers (label-map style array for highdicom).
+    lut = np.zeros(int(label_map.max()) + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    for info in segments:
+        lut[info.label_value] = info.segment_number
+    pixel_array = lut[label_map]
+
+    seg = hd.seg.Segmentation(
+        source_images=list(series.datasets),
+        pixel_array=pixel_array,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=uids.seg_series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.seg_sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=pacsnode_version(),
+        device_serial_number=device_serial_number,
+        content_description=f"{model.name} {model.version}"[:64],
+        content_label=_content_label(model),
+        series_description=f"{MANUFACTURER} {model.name} SEG"[:64],
+        omit_empty_frames=True,
+    )
+    _derive_dimension_organization_uid(seg, uids)
+    logger.info(
+        "built SEG with %d segments for model %s %s",
+        len(segments),
+        model.name,
+        model.version,
+        extra={"sop_instance_uid": str(uids.seg_sop_instance_uid)},
+    )
+    return seg, segments

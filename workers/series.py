@@ -1,0 +1,252 @@
+"""Series loading: DICOM instances on disk -> a :class:`models.base.Volume` with geometry.
+
+Each file is read with pydicom, the headers are checked to form one regular stack of
+slices, the slices are sorted along the slice normal, and the pixel data is decoded (in
+parallel) and rescaled to float32 (HU for CT).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom import Dataset, dcmread
+from pydicom.uid import ImplicitVRLittleEndian
+
+from models.base import Volume
+
+__all__ = ["LoadedSeries", "SeriesError", "load_series"]
+
+logger = logging.getLogger(__name__)
+
+#: Largest difference between direction cosines that still counts as the same orientation.
+ORIENTATION_TOLERANCE = 1e-4
+#: Largest difference in PixelSpacing (mm) that still counts as the same spacing.
+PIXEL_SPACING_TOLERANCE_MM = 1e-4
+#: Slices closer than this along the normal (mm) are duplicates.
+DUPLICATE_TOLERANCE_MM = 1e-3
+#: Slice gaps may differ from their mean by this fraction or by the absolute amount,
+#: whichever is larger.
+SPACING_RELATIVE_TOLERANCE = 0.01
+SPACING_ABSOLUTE_TOLERANCE_MM = 0.01
+
+
+class SeriesError(Exception):
+    """The series cannot be turned into a volume; the message names what is wrong."""
+
+
+@dataclass(frozen=True)
+class LoadedSeries:
+    """A series as a volume plus the source headers, in volume slice order.
+
+    ``datasets[k]`` is the instance of slice ``k`` of ``volume.voxels`` (pixel data
+    removed, so holding them is cheap); SEG and SR reference them.
+    """
+
+    volume: Volume
+    datasets: tuple[Dataset, ...]
+
+
+def _name(ds: Dataset) -> str:
+    return str(ds.filename) if isinstance(ds.filename, str) else "<in-memory dataset>"
+
+
+def _read(path: Path) -> Dataset:
+    """Read one file; the pixel data stays undecoded."""
+    try:
+        ds = dcmread(path)
+    except Exception as e:  # any parse failure means the file is unusable
+        raise SeriesError(f"{path}: unreadable or truncated DICOM file ({e})") from e
+    if "PixelData" not in ds:
+        raise SeriesError(f"{path}: no PixelData (not an image, or the file is truncated)")
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if ds.get(keyword) is None:
+            raise SeriesError(f"{path}: missing {keyword}")
+    for keyword in ("Rows", "Columns"):
+        if ds.get(keyword) is None:
+            raise SeriesError(f"{path}: missing {keyword}")
+    frames = int(ds.get("NumberOfFrames") or 1)
+    if frames != 1:
+        raise SeriesError(f"{path}: multi-frame images ({frames} frames) are not supported")
+    if int(ds.get("SamplesPerPixel") or 1) != 1:
+        raise SeriesError(f"{path}: only single-sample (greyscale) images are supported")
+    if not ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian).is_compressed:
+        expected = int(ds.Rows) * int(ds.Columns) * int(ds.get("BitsAllocated") or 16) // 8
+        if len(ds.PixelData) < expected:
+            raise SeriesError(
+                f"{path}: truncated file, PixelData holds {len(ds.PixelData)} bytes of {expected}"
+            )
+    return ds
+
+
+def _floats(ds: Dataset, keyword: str, count: int) -> npt.NDArray[np.float64]:
+    try:
+        values = np.asarray([float(v) for v in ds[keyword].value], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise SeriesError(f"{_name(ds)}: {keyword} is not numeric ({e})") from e
+    if values.shape != (count,) or not np.all(np.isfinite(values)):
+        raise SeriesError(f"{_name(ds)}: {keyword} must hold {count} numbers")
+    return values
+
+
+def _check_consistent(datasets: Sequence[Dataset]) -> None:
+    """Raise SeriesError unless all instances share series, orientation, size, spacing."""
+    series_uids = sorted({str(ds.get("SeriesInstanceUID", "")) for ds in datasets})
+    if len(series_uids) > 1:
+        raise SeriesError(f"more than one SeriesInstanceUID in the input: {', '.join(series_uids)}")
+    first = datasets[0]
+    iop0 = _floats(first, "ImageOrientationPatient", 6)
+    spacing0 = _floats(first, "PixelSpacing", 2)
+    size0 = (int(first.Rows), int(first.Columns))
+    for ds in datasets[1:]:
+        iop = _floats(ds, "ImageOrientationPatient", 6)
+        if np.max(np.abs(iop - iop0)) > ORIENTATION_TOLERANCE:
+            raise SeriesError(
+                f"{_name(ds)}: ImageOrientationPatient {iop.tolist()} differs from "
+                f"{iop0.tolist()} in {_name(first)}"
+            )
+        size = (int(ds.Rows), int(ds.Columns))
+        if size != size0:
+            raise SeriesError(
+                f"{_name(ds)}: Rows/Columns {size} differ from {size0} in {_name(first)}"
+            )
+        spacing = _floats(ds, "PixelSpacing", 2)
+        if np.max(np.abs(spacing - spacing0)) > PIXEL_SPACING_TOLERANCE_MM:
+            raise SeriesError(
+                f"{_name(ds)}: PixelSpacing {spacing.tolist()} differs from "
+                f"{spacing0.tolist()} in {_name(first)}"
+            )
+
+
+def _directions(
+    ds: Dataset,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Unit row, column and normal vectors of an instance."""
+    iop = _floats(ds, "ImageOrientationPatient", 6)
+    row, col = iop[:3], iop[3:]
+    norms = (np.linalg.norm(row), np.linalg.norm(col))
+    if min(norms) < 1e-6:
+        raise SeriesError(f"{_name(ds)}: ImageOrientationPatient has a zero vector")
+    row, col = row / norms[0], col / norms[1]
+    if abs(float(row @ col)) > 1e-3:
+        raise SeriesError(f"{_name(ds)}: ImageOrientationPatient vectors are not orthogonal")
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    return row, col, normal
+
+
+def _sort_and_space(
+    datasets: Sequence[Dataset], normal: npt.NDArray[np.float64]
+) -> tuple[list[Dataset], float]:
+    """Sort instances along ``normal`` and return them with the slice spacing in mm."""
+    positions = [_floats(ds, "ImagePositionPatient", 3) for ds in datasets]
+    distances = [float(p @ normal) for p in positions]
+    order = sorted(range(len(datasets)), key=lambda n: distances[n])
+    ordered = [datasets[n] for n in order]
+    d = np.asarray([distances[n] for n in order])
+    gaps = np.diff(d)
+    for n, gap in enumerate(gaps):
+        if gap < DUPLICATE_TOLERANCE_MM:
+            raise SeriesError(
+                f"duplicate slice position {d[n]:.3f} mm along the normal: "
+                f"{_name(ordered[n])} and {_name(ordered[n + 1])}"
+            )
+    spacing = float((d[-1] - d[0]) / (len(d) - 1))
+    tolerance = max(SPACING_RELATIVE_TOLERANCE * spacing, SPACING_ABSOLUTE_TOLERANCE_MM)
+    n = int(np.argmax(np.abs(gaps - spacing)))  # report the worst gap
+    if abs(float(gaps[n]) - spacing) > tolerance:
+        raise SeriesError(
+            f"irregular slice spacing: {float(gaps[n]):.3f} mm between {_name(ordered[n])} "
+            f"and {_name(ordered[n + 1])}, mean spacing {spacing:.3f} mm"
+        )
+    # The positions must lie on one line along the normal (no shear, e.g. gantry tilt).
+    p0 = positions[order[0]]
+    for n in order[1:]:
+        offset = positions[n] - p0
+        in_plane = offset - float(offset @ normal) * normal
+        if float(np.linalg.norm(in_plane)) > tolerance:
+            raise SeriesError(
+                f"{_name(datasets[n])}: ImagePositionPatient is shifted "
+                f"{float(np.linalg.norm(in_plane)):.3f} mm within the image plane relative to "
+                f"{_name(ordered[0])}; sheared stacks (gantry tilt) are not supported"
+            )
+    return ordered, spacing
+
+
+def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
+    """Decoded, rescaled pixels of one instance as float32."""
+    try:
+        stored = ds.pixel_array
+    except Exception as e:
+        raise SeriesError(f"{_name(ds)}: cannot decode pixel data ({e})") from e
+    expected = (int(ds.Rows), int(ds.Columns))
+    if stored.shape != expected:
+        raise SeriesError(
+            f"{_name(ds)}: decoded pixel data has shape {stored.shape}, expected {expected}"
+        )
+    slope = float(ds.get("RescaleSlope") or 1.0)
+    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def load_series(paths: Iterable[Path]) -> LoadedSeries:
+    """Read, sort, check and decode a series.
+
+    Parameters
+    ----------
+    paths
+        One file per slice, in any order.
+
+    Returns
+    -------
+    LoadedSeries
+        The volume (slices sorted so positions increase along the slice normal, voxels
+        rescaled to float32) and the headers in the same order, pixel data removed.
+
+    Raises
+    ------
+    SeriesError
+        If a file is unreadable or truncated, has no pixel data, or the instances do not
+        form one regular volume (mixed series, orientations, sizes or spacings, missing
+        geometry, duplicate or irregularly spaced slices, fewer than 2 slices).
+    """
+    files = [Path(p) for p in paths]
+    if len(files) < 2:
+        raise SeriesError(f"a volume needs at least 2 slices; the series has {len(files)}")
+
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        datasets = list(pool.map(_read, files))
+        _check_consistent(datasets)
+        row, col, normal = _directions(datasets[0])
+        ordered, slice_spacing = _sort_and_space(datasets, normal)
+        slices = list(pool.map(_decode, ordered))
+
+    for ds in ordered:
+        del ds.PixelData
+    first = ordered[0]
+    origin = _floats(first, "ImagePositionPatient", 3)
+    pixel_spacing = _floats(first, "PixelSpacing", 2)
+    volume = Volume(
+        voxels=np.stack(slices),
+        origin=(float(origin[0]), float(origin[1]), float(origin[2])),
+        row_direction=(float(row[0]), float(row[1]), float(row[2])),
+        column_direction=(float(col[0]), float(col[1]), float(col[2])),
+        spacing_mm=(slice_spacing, float(pixel_spacing[0]), float(pixel_spacing[1])),
+        modality=str(first.get("Modality", "")),
+    )
+    logger.info(
+        "loaded series %s: %d slices of %dx%d, spacing %s mm",
+        first.get("SeriesInstanceUID", "?"),
+        len(ordered),
+        int(first.Rows),
+        int(first.Columns),
+        volume.spacing_mm,
+    )
+    return LoadedSeries(volume=volume, datasets=tuple(ordered))

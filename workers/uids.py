@@ -1,0 +1,92 @@
+"""Deterministic UIDs for result objects.
+
+A job that runs twice (Celery redelivery, a restart) must produce the same SEG and SR
+UIDs so the PACS de-duplicates them. Every UID is therefore derived from the job's
+inputs: the source series, the model name and the model version.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from pydicom.uid import UID
+
+__all__ = ["ResultUids", "derive_uid"]
+
+# Fixed namespace for pacsnode's name-based UUIDs; never change it, or every derived
+# UID changes and re-runs stop de-duplicating.
+_NAMESPACE = uuid.UUID("6d1f6f0e-3c55-5b8e-9a51-706163736e6f")
+
+
+def derive_uid(*parts: str) -> UID:
+    """A DICOM UID that depends only on ``parts``.
+
+    The UID is ``2.25.<integer of a name-based UUID>`` (PS3.5 B.2). pydicom's
+    ``generate_uid(prefix=None, entropy_srcs=...)`` ignores ``entropy_srcs`` and returns
+    a random UID, so the UUID is derived here with :func:`uuid.uuid5` instead.
+
+    Parameters
+    ----------
+    parts
+        Strings identifying the object, e.g. (source series UID, model name, model
+        version, "seg-series"). The sequence is encoded unambiguously, so
+        ``("a", "bc")`` and ``("ab", "c")`` give different UIDs.
+
+    Returns
+    -------
+    pydicom.uid.UID
+        A UID of at most 44 characters.
+
+    Raises
+    ------
+    ValueError
+        If no parts are given.
+    """
+    if not parts:
+        raise ValueError("derive_uid needs at least one part to derive the UID from.")
+    name = json.dumps(list(parts), ensure_ascii=False)
+    return UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}")
+
+
+@dataclass(frozen=True)
+class ResultUids:
+    """The UIDs of the SEG and SR produced by one job."""
+
+    seg_series_instance_uid: UID
+    seg_sop_instance_uid: UID
+    sr_series_instance_uid: UID
+    sr_sop_instance_uid: UID
+
+    @classmethod
+    def for_job(
+        cls, source_series_instance_uid: str, model_name: str, model_version: str
+    ) -> ResultUids:
+        """The result UIDs for running ``model_name`` ``model_version`` on a series.
+
+        Parameters
+        ----------
+        source_series_instance_uid
+            SeriesInstanceUID of the series the model ran on.
+        model_name
+            Registered name of the model.
+        model_version
+            Version of the model; a new version gives new objects.
+
+        Returns
+        -------
+        ResultUids
+            The same values for the same arguments, on any machine.
+        """
+        job = (source_series_instance_uid, model_name, model_version)
+        return cls(
+            seg_series_instance_uid=derive_uid(*job, "seg-series"),
+            seg_sop_instance_uid=derive_uid(*job, "seg-instance"),
+            sr_series_instance_uid=derive_uid(*job, "sr-series"),
+            sr_sop_instance_uid=derive_uid(*job, "sr-instance"),
+        )
+
+    def derive(self, *parts: str) -> UID:
+        """A further UID for this job (e.g. a segment tracking UID), from ``parts``."""
+        return derive_uid(self.seg_sop_instance_uid, *parts)
