@@ -28,8 +28,9 @@ def _setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # pynetdicom logs every association at INFO; keep its warnings and errors only.
+    # pynetdicom (every association) and highdicom (every copied module) are chatty at INFO.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 
 def _out(text: str) -> None:

@@ -214,8 +214,8 @@ class StateDB:
         # cut may lose the last ones, and start-up rescans the spool for exactly that case.
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
-        with self._transaction() as conn:
-            conn.executescript(_SCHEMA)
+        with self._lock:
+            self._conn.executescript(_SCHEMA)  # idempotent; executescript commits itself
 
     def close(self) -> None:
         with self._lock:

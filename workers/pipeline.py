@@ -73,9 +73,7 @@ def run_job(*, job_id: int, model_name: str, series_dir: Path, output_dir: Path)
         return _failed(job_id, f"{model.name} found none of its labels in this series")
 
     mark = time.perf_counter()
-    uids = ResultUids.for_job(
-        series.datasets[0].SeriesInstanceUID, model.name, model.version
-    )
+    uids = ResultUids.for_job(series.datasets[0].SeriesInstanceUID, model.name, model.version)
     seg, segments = build_seg(series, label_map, model, uids)
     sr, measurements = build_sr(series, label_map, model, seg, segments, uids)
     output_dir.mkdir(parents=True, exist_ok=True)
