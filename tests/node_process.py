@@ -1,0 +1,175 @@
+"""``pacsnode run`` as a separate process, for integration tests and benchmarks.
+
+The node is started exactly as an admin starts it (the console script with a config
+file), with its embedded Redis and worker, on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from node.state import Job, JobStateValues, StateDB
+from tests.peers import free_port, wait_for, wait_for_port
+
+__all__ = ["NodeProcess", "node_config"]
+
+NODE_AE_TITLE = "PACSNODE"
+_PACSNODE = Path(sys.executable).parent / "pacsnode"
+
+
+def node_config(
+    data_dir: Path,
+    *,
+    port: int,
+    peers: list[dict[str, Any]] | None = None,
+    destinations: dict[str, dict[str, Any]] | None = None,
+    rules: list[dict[str, Any]] | None = None,
+    quiet_seconds: float = 1.0,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A config.yaml (as a dict) for a test node on ``port``."""
+    config: dict[str, Any] = {
+        "node": {
+            "ae_title": NODE_AE_TITLE,
+            "port": port,
+            "bind_address": "127.0.0.1",
+            "data_dir": str(data_dir),
+        },
+        "peers": peers if peers is not None else [{"ae_title": "SCANNER", "host": "127.0.0.1"}],
+        "destinations": destinations or {},
+        "completion": {"quiet_seconds": quiet_seconds},
+        "rules": rules or [],
+        "delivery": {"first_retry_seconds": 1.0, "max_retry_interval_seconds": 2.0},
+    }
+    config.update(extra)
+    return config
+
+
+class NodeProcess:
+    """Runs ``pacsnode run --config FILE``; restartable, killable.
+
+    Parameters
+    ----------
+    workdir
+        Holds config.yaml, the data folder and the node's log.
+    config
+        The configuration; ``node.port`` and ``node.data_dir`` are filled in if absent.
+    """
+
+    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        node = config.setdefault("node", {})
+        node.setdefault("port", free_port())
+        node.setdefault("data_dir", str(workdir / "data"))
+        node.setdefault("bind_address", "127.0.0.1")
+        self.config = config
+        self.port: int = node["port"]
+        self.data_dir = Path(node["data_dir"])
+        self.config_path = workdir / "config.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / "node.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(_PACSNODE), "run", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        try:
+            wait_for_port(self.port, timeout=timeout, what="pacsnode SCP", process=self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}\nnode log:\n{self.log()[-4000:]}") from exc
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        """SIGKILL the node, as a crash would; its children die with it."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self.process = None
+        self._wait_children_gone()
+
+    def _wait_children_gone(self) -> None:
+        # The embedded Redis and worker get a signal from the kernel when the node dies.
+        pidfile = self.data_dir / "redis" / "redis.pid"
+
+        def redis_gone() -> bool:
+            try:
+                os.kill(int(pidfile.read_text().strip()), 0)
+            except (OSError, ValueError):
+                return True
+            return False
+
+        wait_for(redis_gone, 20, "the embedded Redis to exit after its node died")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """Ctrl-C the node and wait for it (and its children) to stop; returns its exit code."""
+        if self.process is None:
+            return 0
+        self.process.send_signal(signal.SIGINT)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        finally:
+            self.process = None
+        return code
+
+    def jobs(self) -> list[Job]:
+        db = StateDB(self.data_dir / "state.db")
+        try:
+            return db.jobs()
+        finally:
+            db.close()
+
+    def wait_for_jobs(
+        self, count: int, states: set[JobStateValues], timeout: float = 120.0
+    ) -> list[Job]:
+        """Wait until ``count`` jobs exist and all are in one of ``states``."""
+
+        def settled() -> list[Job] | None:
+            jobs = self.jobs()
+            if len(jobs) >= count and all(job.state in states for job in jobs):
+                return jobs
+            return None
+
+        try:
+            return wait_for(settled, timeout, f"{count} jobs in states {sorted(states)}")
+        except TimeoutError as exc:
+            detail = "\n".join(f"{j.id} {j.state} {j.reason}" for j in self.jobs())
+            raise TimeoutError(f"{exc}\njobs:\n{detail}\nnode log:\n{self.log()[-6000:]}") from exc
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.process is not None:
+            try:
+                self.stop()
+            except subprocess.TimeoutExpired:
+                pass
+        # Give the kernel a moment to reap the children before pytest removes tmp_path.
+        time.sleep(0.1)
