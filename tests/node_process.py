@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -167,9 +166,4 @@ class NodeProcess:
         tb: TracebackType | None,
     ) -> None:
         if self.process is not None:
-            try:
-                self.stop()
-            except subprocess.TimeoutExpired:
-                pass
-        # Give the kernel a moment to reap the children before pytest removes tmp_path.
-        time.sleep(0.1)
+            self.stop()

@@ -107,7 +107,7 @@ def _port_open(port: int, host: str) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], T], timeout: float, message: str) -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float, message: str) -> T:
     """Poll `predicate` until it returns a truthy value.
 
     Parameters
@@ -315,6 +315,15 @@ class StoreSCP:
             Files in :attr:`folder`.
         """
         return sorted(p for p in self.folder.iterdir() if p.is_file())
+
+    def wait_for_files(self, count: int, timeout: float = 30.0) -> list[Path]:
+        """Wait until at least ``count`` files were received; return them all."""
+
+        def enough() -> list[Path] | None:
+            files = self.received()
+            return files if len(files) >= count else None
+
+        return wait_for(enough, timeout, f"{count} files at storescp {self.ae_title}")
 
     def log_text(self) -> str:
         """Return what storescp wrote to stdout and stderr so far."""

@@ -11,7 +11,7 @@ from models.ct_tissue import CtTissueModel
 from node.state import JobStateValues
 from tests.integration.conftest import received_by_modality, seg_label_map
 from tests.node_process import NODE_AE_TITLE, NodeProcess
-from tests.peers import StoreSCP, dciodvfy_errors, run_storescu, wait_for
+from tests.peers import StoreSCP, dciodvfy_errors, run_storescu
 from tests.sr_reading import read_referenced_segments, read_volumes_ml
 from workers.series import load_series
 
