@@ -36,9 +36,7 @@ def test_series_comes_back_as_seg_and_sr(
     assert [(job.model, job.state, job.reason) for job in jobs] == [
         ("ct-tissue", JobStateValues.DELIVERED, None)
     ]
-    files = wait_for(
-        lambda: len(destination.received()) >= 2 and destination.received(), 10, "SEG and SR"
-    )
+    files = destination.wait_for_files(2)
     received = received_by_modality(files)
     assert set(received) == {"SEG", "SR"}
     seg, sr = received["SEG"], received["SR"]
