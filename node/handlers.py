@@ -77,6 +77,9 @@ def handle_association_request(event: Event, config: Config) -> None:
         extra={"calling_ae_title": calling_ae, "peer_host": host},
     )
     assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out and the
+    # peer has closed, or the socket is shut before the peer reads the rejection.
+    assoc.kill()
 
 
 def handle_echo(event: Event) -> int:

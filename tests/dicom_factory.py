@@ -474,7 +474,7 @@ def write_ct_series(
 
 
 def write_broken_file(
-    source: Path, target: Path, *, kind: Literal["truncated", "no_pixel_data"]
+    source: Path, target: Path, *, kind: Literal["truncated", "short_pixel_data", "no_pixel_data"]
 ) -> Path:
     """Write a broken copy of a valid DICOM file.
 
@@ -485,8 +485,10 @@ def write_broken_file(
     target
         Where to write the copy (may equal ``source`` to break it in place).
     kind
-        ``"truncated"``: the first half of the bytes; ``"no_pixel_data"``: the dataset
-        re-written without PixelData.
+        ``"truncated"``: the first half of the bytes (not parseable, so no DICOM peer will
+        send it); ``"short_pixel_data"``: a well-formed file whose PixelData holds only
+        half the image, as an image truncated before it was sent; ``"no_pixel_data"``:
+        the dataset re-written without PixelData.
 
     Returns
     -------
@@ -501,10 +503,16 @@ def write_broken_file(
     if kind == "truncated":
         data = source.read_bytes()
         target.write_bytes(data[: len(data) // 2])
+    elif kind == "short_pixel_data":
+        ds = dcmread(source)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+        ds.save_as(target, enforce_file_format=True)
     elif kind == "no_pixel_data":
         ds = dcmread(source)
         del ds.PixelData
         ds.save_as(target, enforce_file_format=True)
     else:
-        raise ValueError(f"kind must be 'truncated' or 'no_pixel_data'. Found {kind!r}.")
+        raise ValueError(
+            f"kind must be 'truncated', 'short_pixel_data' or 'no_pixel_data'. Found {kind!r}."
+        )
     return target

@@ -386,6 +386,7 @@ class Orthanc:
             self.http_port = free_port()
         self._owns_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="orthanc-") if workdir is None else workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.url = f"http://{LOCALHOST}:{self.http_port}"
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
