@@ -224,26 +224,33 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
+        """Rules must name models and destinations that exist; one line per problem,
+        each starting with its YAML path (see ``_format_errors``)."""
         from models.registry import available_models
 
         known_models = available_models()
-        names: set[str] = set()
-        for rule in self.rules:
-            if rule.name in names:
-                raise ValueError(f"rule name {rule.name!r} is used twice")
-            names.add(rule.name)
+        problems: list[str] = []
+        seen: set[str] = set()
+        for index, rule in enumerate(self.rules):
+            where = f"rules[{index}]"
+            if rule.name in seen:
+                problems.append(f"{where}.name: rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
             for model in rule.models:
                 if model not in known_models:
-                    raise ValueError(
-                        f"rule {rule.name!r} names model {model!r}, which does not exist; "
-                        f"available: {', '.join(sorted(known_models))}"
+                    problems.append(
+                        f"{where}.models: rule {rule.name!r} names model {model!r}, which does "
+                        f"not exist; available: {', '.join(sorted(known_models))}"
                     )
             for destination in rule.send_to:
                 if destination not in self.destinations:
-                    raise ValueError(
-                        f"rule {rule.name!r} sends to {destination!r}, which is not under "
-                        f"destinations; defined: {', '.join(sorted(self.destinations)) or 'none'}"
+                    defined = ", ".join(sorted(self.destinations)) or "none"
+                    problems.append(
+                        f"{where}.send_to: rule {rule.name!r} sends to {destination!r}, which "
+                        f"is not under destinations; defined: {defined}"
                     )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -268,15 +275,11 @@ class ConfigError(Exception):
 
 
 def _yaml_path(loc: tuple[int | str, ...]) -> str:
+    """("rules", 0, "match") -> "rules[0].match"."""
     text = ""
     for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif part in {"function-after[_one_kind()]", "function-before[_shorthand()]"}:
-            continue
-        else:
-            text += f".{part}" if text else str(part)
-    return text or "(top level)"
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
 def _format_errors(error: ValidationError) -> Iterator[str]:
@@ -289,7 +292,11 @@ def _format_errors(error: ValidationError) -> Iterator[str]:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (not part of the configuration)"
-        yield f"{_yaml_path(loc)}: {message}"
+        if not loc:
+            # Whole-file checks already start each line with its own path.
+            yield from message.splitlines()
+        else:
+            yield f"{_yaml_path(loc)}: {message}"
 
 
 def load_config(path: Path) -> Config:
