@@ -66,9 +66,10 @@ def _association_failure(assoc: Association, destination: Destination) -> _Outco
         return _Outcome(
             transient, f"association {kind} rejected by {where} (diagnostic {diagnostic})"
         )
-    if assoc.is_aborted:
-        return _Outcome(True, f"association aborted by {where}")
-    return _Outcome(True, f"cannot connect to {where}")
+    # pynetdicom reports a refused connection as an abort too; either way, try again later.
+    return _Outcome(
+        True, f"could not associate with {where} (connection refused, timed out or aborted)"
+    )
 
 
 class Sender:
