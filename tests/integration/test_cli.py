@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 from node.state import JobStateValues
 from tests.integration.conftest import CT_RULE
 from tests.node_process import NODE_AE_TITLE, NodeProcess, node_config
-from tests.peers import StoreSCP, free_port, run_storescu
+from tests.peers import StoreSCP, free_port, run_storescu, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +91,28 @@ def test_rejected_destination_fails_the_job_and_retry_delivers(
             assert "there is no job 999" in again.stderr
     finally:
         refusing.stop()
+
+
+def test_ctrl_c_stops_the_node_and_its_children(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, node_config(tmp_path / "data", port=free_port()))
+    node.start()
+    assert node.process is not None
+    pid = node.process.pid
+
+    def children() -> dict[int, str] | None:
+        found = subprocess.run(
+            ["ps", "-o", "pid=,args=", "--ppid", str(pid)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        rows = [line.strip().split(maxsplit=1) for line in found.stdout.splitlines()]
+        return {int(p): args for p, args in rows} if len(rows) == 2 else None
+
+    started = wait_for(children, 30, "Redis and the worker as children of the node")
+    assert sorted("redis-server" in a for a in started.values()) == [False, True]
+    assert any("node.cli worker" in a for a in started.values())
+    assert node.stop() == 0
+    for child in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
