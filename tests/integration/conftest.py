@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from pydicom import Dataset, dcmread
+from pydicom.uid import JPEG2000Lossless
 
 from models.base import SegmentationModel
 from tests.dicom_factory import chest_phantom, cranium_hu, write_ct_series
@@ -33,6 +34,23 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         patient_id="PHANTOM1",
         patient_name="Phantom^Chest",
         series_description="Synthetic chest phantom",
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
+def phantom_jpeg2000_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chest phantom again (new UIDs), compressed as JPEG 2000 Lossless."""
+    phantom = chest_phantom(PHANTOM_SHAPE, PHANTOM_SPACING)
+    folder = tmp_path_factory.mktemp("phantom-j2k")
+    write_ct_series(
+        phantom.hu,
+        folder,
+        spacing_mm=phantom.spacing_mm,
+        patient_id="PHANTOM2",
+        patient_name="Phantom^Compressed",
+        series_description="Synthetic chest phantom, JPEG 2000",
+        transfer_syntax=JPEG2000Lossless,
     )
     return folder
 

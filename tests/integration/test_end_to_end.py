@@ -21,7 +21,7 @@ SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
 
-@pytest.mark.parametrize("series_fixture", ["phantom_dir", "cranium_dir"])
+@pytest.mark.parametrize("series_fixture", ["phantom_dir", "phantom_jpeg2000_dir", "cranium_dir"])
 def test_series_comes_back_as_seg_and_sr(
     series_fixture: str,
     request: pytest.FixtureRequest,
@@ -31,6 +31,16 @@ def test_series_comes_back_as_seg_and_sr(
     series_dir: Path = request.getfixturevalue(series_fixture)
     sent = run_storescu("127.0.0.1", node.port, NODE_AE_TITLE, "SCANNER", series_dir)
     assert sent.returncode == 0, sent.stdout + sent.stderr
+
+    # The spool holds the bytes as sent: same transfer syntax, same pixel data.
+    for path in series_dir.glob("*.dcm"):
+        sent_ds = dcmread(path)
+        spooled = dcmread(
+            node.data_dir / "spool" / sent_ds.StudyInstanceUID / sent_ds.SeriesInstanceUID
+            / f"{sent_ds.SOPInstanceUID}.dcm"
+        )  # fmt: skip
+        assert spooled.file_meta.TransferSyntaxUID == sent_ds.file_meta.TransferSyntaxUID
+        assert spooled.PixelData == sent_ds.PixelData
 
     jobs = node.wait_for_jobs(1, {JobStateValues.DELIVERED, JobStateValues.FAILED})
     assert [(job.model, job.state, job.reason) for job in jobs] == [
