@@ -15,12 +15,18 @@ Each measurement runs from storescu's start to its exit, against a fresh receive
 empty storage (Orthanc would otherwise skip instances it already holds), and checks that
 every instance arrived. Each receiver is measured ``--repeat`` times and the best run is
 reported. Every dcmtk and Orthanc process runs with ``TCP_NODELAY=1``.
+
+pacsnode opens its port while its embedded Celery worker is still importing (a few
+seconds of both cores here), so the series is sent once the whole pacsnode process group
+has been idle for a second, as when a study arrives at a running node; ``--no-settle``
+sends as soon as the port opens.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -55,6 +61,10 @@ CALLING_AE = "SCANNER"
 STORESCU_TIMEOUT_SECONDS = 600.0
 PACSNODE_START_SECONDS = 120.0
 PACSNODE_STOP_SECONDS = 30.0
+PACSNODE_SETTLE_SECONDS = 120.0
+# pacsnode counts as settled after two windows in a row below this much CPU.
+SETTLE_WINDOW_SECONDS = 0.5
+SETTLE_MAX_CPU_FRACTION = 0.05
 
 
 class ReceiverUnavailableError(RuntimeError):
@@ -165,14 +175,60 @@ def _stop_pacsnode(process: subprocess.Popen[bytes]) -> None:
     process.wait()
 
 
+def _process_group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of group `pgid`."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # Fields after the parenthesised command name: state, ppid, pgrp, ... (proc(5)).
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process exited meanwhile
+        if int(fields[2]) == pgid:
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def wait_until_idle(pgid: int, timeout: float, what: str) -> float:
+    """Wait until process group `pgid` is idle; returns the seconds waited.
+
+    Idle means below ``SETTLE_MAX_CPU_FRACTION`` of one core for two
+    ``SETTLE_WINDOW_SECONDS`` windows in a row.
+
+    Raises
+    ------
+    TimeoutError
+        If it is still busy after `timeout` seconds.
+    """
+    start = time.monotonic()
+    quiet_windows = 0
+    used = _process_group_cpu_seconds(pgid)
+    while quiet_windows < 2:
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"Timed out after {timeout:g} s waiting for {what} to be idle.")
+        time.sleep(SETTLE_WINDOW_SECONDS)
+        now = _process_group_cpu_seconds(pgid)
+        busy = (now - used) / SETTLE_WINDOW_SECONDS > SETTLE_MAX_CPU_FRACTION
+        quiet_windows = 0 if busy else quiet_windows + 1
+        used = now
+    return time.monotonic() - start
+
+
 @contextmanager
-def pacsnode_receiver() -> Iterator[Receiver]:
+def pacsnode_receiver(settle: bool = True) -> Iterator[Receiver]:
     """Run ``pacsnode run`` with a generated config.yaml and an empty data folder.
+
+    Parameters
+    ----------
+    settle
+        Wait until pacsnode and its children are idle (its worker has started) before
+        handing it out; otherwise as soon as it listens.
 
     Raises
     ------
     ReceiverUnavailableError
-        If pacsnode exits or does not listen within two minutes.
+        If pacsnode exits, does not listen within two minutes, or is still busy two
+        minutes later.
     """
     with tempfile.TemporaryDirectory(prefix="pacsnode-bench-") as tmp:
         workdir = Path(tmp)
@@ -206,6 +262,9 @@ def pacsnode_receiver() -> Iterator[Receiver]:
                 wait_for_port(
                     port, timeout=PACSNODE_START_SECONDS, what="pacsnode", process=process
                 )
+                if settle:
+                    waited = wait_until_idle(process.pid, PACSNODE_SETTLE_SECONDS, "pacsnode")
+                    logger.info("pacsnode settled %.1f s after it started listening", waited)
             except (RuntimeError, TimeoutError) as e:
                 raise ReceiverUnavailableError(f"{e} {_last_lines(log_path)}".strip()) from e
             yield Receiver("127.0.0.1", port, "PACSNODE", lambda: _spooled_files(data_dir))
@@ -318,13 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         default="storescp,orthanc,pacsnode",
         help="comma-separated subset of storescp, orthanc, pacsnode",
     )
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="send to pacsnode as soon as it listens, while its worker may still be starting",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     receivers: dict[str, Callable[[], AbstractContextManager[Receiver]]] = {
         "storescp": storescp_receiver,
         "orthanc": orthanc_receiver,
-        "pacsnode": pacsnode_receiver,
+        "pacsnode": functools.partial(pacsnode_receiver, settle=not args.no_settle),
     }
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     unknown = sorted(set(tools) - set(receivers))

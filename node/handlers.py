@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import sqlite3
+import struct
 import zlib
 from io import BytesIO
 from typing import Any, cast
@@ -17,7 +18,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.events import Event
 
 from node.config import Config
@@ -86,8 +87,100 @@ def handle_echo(event: Event) -> int:
     return SUCCESS
 
 
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One Explicit VR Little Endian element with a 2-byte length (PS3.5 7.1.2)."""
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    value = uid.encode("ascii")
+    return value + b"\0" if len(value) % 2 else value
+
+
+# File meta elements that are the same in every file we write: (0002,0001) OB, whose
+# length field is 4 bytes after two reserved ones, then (0002,0012) and (0002,0013).
+_META_VERSION = struct.pack("<HH2sHI", 0x0002, 0x0001, b"OB", 0, 2) + b"\x00\x01"
+_META_IMPLEMENTATION = _element(
+    0x00020012, b"UI", _uid_value(PYNETDICOM_IMPLEMENTATION_UID)
+) + _element(
+    0x00020013,
+    b"SH",
+    PYNETDICOM_IMPLEMENTATION_VERSION.encode("ascii")
+    + b" " * (len(PYNETDICOM_IMPLEMENTATION_VERSION) % 2),
+)
+
+
+def _encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """The File Meta Information group (PS3.10 7.1) for one received instance.
+
+    The same elements pynetdicom's ``Event.file_meta`` holds, encoded as
+    ``pynetdicom.dsutils.encode_file_meta`` does, byte for byte, without building a
+    pydicom dataset per instance. The UIDs must already be checked.
+    """
+    elements = b"".join(
+        (
+            _META_VERSION,
+            _element(0x00020002, b"UI", _uid_value(sop_class_uid)),
+            _element(0x00020003, b"UI", _uid_value(sop_instance_uid)),
+            _element(0x00020010, b"UI", _uid_value(transfer_syntax_uid)),
+            _META_IMPLEMENTATION,
+        )
+    )
+    group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(elements))
+    return group_length + elements
+
+
 def _stop_after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
     return bool(tag > _SERIES_INSTANCE_UID)
+
+
+_STUDY_INSTANCE_UID = 0x0020000D
+# Explicit VRs whose length field is 4 bytes after two reserved ones (PS3.5 7.1.2).
+_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _scan_study_and_series(data: memoryview, implicit_vr: bool) -> tuple[str, str] | None:
+    """Study and Series Instance UIDs from a Little Endian dataset, by skipping elements.
+
+    Walks the top-level elements up to (0020,000E) by their lengths alone. Returns None
+    where that is not enough (an undefined length, an unknown VR, data that ends early),
+    and the caller lets pydicom read the header instead.
+    """
+    study = ""
+    offset = 0
+    end = len(data)
+    while offset + 8 <= end:
+        group, element = struct.unpack_from("<HH", data, offset)
+        tag = group << 16 | element
+        if tag > _SERIES_INSTANCE_UID:
+            return study, ""  # no SeriesInstanceUID: the caller refuses the instance
+        if implicit_vr:
+            (length,) = struct.unpack_from("<I", data, offset + 4)
+            offset += 8
+        else:
+            vr = bytes(data[offset + 4 : offset + 6])
+            if vr in _LONG_VRS:
+                if offset + 12 > end:
+                    return None
+                (length,) = struct.unpack_from("<I", data, offset + 8)
+                offset += 12
+            elif vr in _SHORT_VRS:
+                (length,) = struct.unpack_from("<H", data, offset + 6)
+                offset += 8
+            else:
+                return None
+        if length == _UNDEFINED_LENGTH or offset + length > end:
+            return None
+        if tag in (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID):
+            value = bytes(data[offset : offset + length]).decode("ascii").rstrip("\0 ")
+            if tag == _SERIES_INSTANCE_UID:
+                return study, value
+            study = value
+        offset += length
+    # The data ended: fine only if it ended exactly after an element.
+    return (study, "") if offset == end else None
 
 
 def _read_study_and_series(event: Event) -> tuple[str, str]:
@@ -95,6 +188,11 @@ def _read_study_and_series(event: Event) -> tuple[str, str]:
     request = cast(Any, event.request)
     stream = cast(BytesIO, request.DataSet)
     transfer_syntax = UID(event.context.transfer_syntax)
+    if transfer_syntax.is_little_endian and not transfer_syntax.is_deflated:
+        with stream.getbuffer() as data:
+            found = _scan_study_and_series(data, transfer_syntax.is_implicit_VR)
+        if found is not None:
+            return found
     if transfer_syntax.is_deflated:
         stream = BytesIO(zlib.decompress(stream.getvalue(), -zlib.MAX_WBITS))
     stream.seek(0)
@@ -121,7 +219,7 @@ def handle_store(event: Event, spool: Spool, db: StateDB) -> int | Dataset:
         sop_instance_uid = check_uid(str(request.AffectedSOPInstanceUID), "SOPInstanceUID")
         sop_class_uid = check_uid(str(request.AffectedSOPClassUID), "SOPClassUID")
         study_uid, series_uid = _read_study_and_series(event)
-        path = spool.path_for(study_uid, series_uid, sop_instance_uid)
+        spool.path_for(study_uid, series_uid, sop_instance_uid)  # checks the UIDs
     except (InvalidUIDError, ValueError, EOFError, OSError, zlib.error) as exc:
         logger.warning("refused an instance from %s: %s", calling_ae, exc)
         return _status(CANNOT_UNDERSTAND, str(exc))
@@ -132,7 +230,9 @@ def handle_store(event: Event, spool: Spool, db: StateDB) -> int | Dataset:
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_instance_uid,
-            file_meta=encode_file_meta(event.file_meta),
+            file_meta=_encode_file_meta(
+                sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax)
+            ),
             dataset=cast(BytesIO, request.DataSet).getbuffer(),
         )
         late = db.record_instance(

@@ -1,4 +1,7 @@
-"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class."""
+"""The Storage SCP: C-ECHO and C-STORE for every storage SOP class.
+
+pynetdicom's SCP, served by the faster acceptor of :mod:`node.transport`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from node.config import Config
 from node.handlers import handle_association_request, handle_echo, handle_store
 from node.spool import Spool
 from node.state import StateDB
+from node.transport import use_fast_acceptor
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "start_scp"]
 
@@ -62,6 +66,7 @@ def start_scp(config: Config, spool: Spool, db: StateDB) -> ThreadedAssociationS
         (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers
     )
     assert server is not None  # always returned when block=False
+    use_fast_acceptor(server)
     logger.info(
         "SCP %s listening on %s:%d",
         config.node.ae_title,

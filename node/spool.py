@@ -7,6 +7,7 @@ tree is always whole. UIDs are checked before they become path parts.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -23,6 +24,8 @@ _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 # Zero-padded, not stripped: what we write is exactly what the peer sent.
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _CLOEXEC
 
 
 class InvalidUIDError(ValueError):
@@ -101,12 +104,12 @@ class Spool:
         final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid)
         temporary = self.incoming / f"{uuid.uuid4().hex}.part"
         try:
-            with open(temporary, "wb") as fp:
-                fp.write(_PREAMBLE)
-                fp.write(file_meta)
-                fp.write(dataset)
-                fp.flush()
-                os.fsync(fp.fileno())
+            fd = os.open(temporary, _CREATE_FLAGS, 0o666)
+            try:
+                _write_all(fd, (_PREAMBLE + file_meta, dataset))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             directory = final.parent
             if directory not in self._known_dirs:
                 directory.mkdir(parents=True, exist_ok=True)
@@ -137,6 +140,26 @@ class Spool:
                 sop_instance_uid=path.stem,
                 path=path,
             )
+
+
+def _write_all(fd: int, chunks: tuple[bytes | memoryview, ...]) -> None:
+    """Write every byte of `chunks` to `fd`, in as few system calls as it takes.
+
+    Raises
+    ------
+    OSError
+        If the file system takes nothing (ENOSPC) or fails.
+    """
+    views = [memoryview(chunk).cast("B") for chunk in chunks if len(chunk)]
+    while views:
+        written = os.writev(fd, views)
+        if written == 0:
+            raise OSError(errno.ENOSPC, "no space left on device: wrote nothing")
+        while views and written >= views[0].nbytes:
+            written -= views[0].nbytes
+            views.pop(0)
+        if written:
+            views[0] = views[0][written:]
 
 
 def _fsync_dir(directory: Path) -> None:
