@@ -132,12 +132,13 @@ class Dispatcher:
         Tasks are idempotent (deterministic output UIDs), so a task that still runs
         somewhere only writes the same files again.
         """
-        jobs = self.db.jobs([JobStateValues.QUEUED, JobStateValues.RUNNING])
-        for job in jobs:
+        requeued = 0
+        for job in self.db.jobs([JobStateValues.QUEUED, JobStateValues.RUNNING]):
             result: AsyncResult[Any] | None = (
                 AsyncResult(job.task_id, app=self.app) if job.task_id else None
             )
             if result is not None and result.state in {"SUCCESS", "FAILURE"}:
                 continue  # finished while we were away; collect() records it
             self.db.mark_job_pending(job.id, reason)
-        return len(jobs)
+            requeued += 1
+        return requeued

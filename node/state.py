@@ -308,9 +308,6 @@ class StateDB:
         )
         return _series(rows[0]) if rows else None
 
-    def all_series(self) -> list[SeriesRecord]:
-        return [_series(row) for row in self._query("SELECT * FROM series ORDER BY first_received")]
-
     def series_quiet_since(self, cutoff: float) -> list[SeriesRecord]:
         """Series still receiving whose last instance arrived before ``cutoff``."""
         rows = self._query(

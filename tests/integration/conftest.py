@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from pydicom import Dataset, dcmread
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 from models.base import SegmentationModel
 from tests.dicom_factory import chest_phantom, cranium_hu, write_ct_series
@@ -22,41 +22,11 @@ PHANTOM_SHAPE = (24, 96, 96)
 PHANTOM_SPACING = (5.0, 2.0, 2.0)
 
 
-@pytest.fixture(scope="session")
-def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic chest CT series (ORIGINAL/PRIMARY/AXIAL), one file per slice."""
-    phantom = chest_phantom(PHANTOM_SHAPE, PHANTOM_SPACING)
-    folder = tmp_path_factory.mktemp("phantom")
-    write_ct_series(
-        phantom.hu,
-        folder,
-        spacing_mm=phantom.spacing_mm,
-        patient_id="PHANTOM1",
-        patient_name="Phantom^Chest",
-        series_description="Synthetic chest phantom",
-    )
-    return folder
-
-
-@pytest.fixture(scope="session")
-def phantom_jpeg2000_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The chest phantom again (new UIDs), compressed as JPEG 2000 Lossless."""
-    phantom = chest_phantom(PHANTOM_SHAPE, PHANTOM_SPACING)
-    folder = tmp_path_factory.mktemp("phantom-j2k")
-    write_ct_series(
-        phantom.hu,
-        folder,
-        spacing_mm=phantom.spacing_mm,
-        patient_id="PHANTOM2",
-        patient_name="Phantom^Compressed",
-        series_description="Synthetic chest phantom, JPEG 2000",
-        transfer_syntax=JPEG2000Lossless,
-    )
-    return folder
-
-
-def make_phantom_series(folder: Path, patient_id: str) -> Path:
-    """Another phantom series (new study and series UIDs) in ``folder``."""
+def make_phantom_series(
+    folder: Path, patient_id: str, transfer_syntax: str = ExplicitVRLittleEndian
+) -> Path:
+    """A synthetic chest CT series (ORIGINAL/PRIMARY/AXIAL, new study and series UIDs),
+    one file per slice, in ``folder``."""
     phantom = chest_phantom(PHANTOM_SHAPE, PHANTOM_SPACING)
     write_ct_series(
         phantom.hu,
@@ -65,8 +35,20 @@ def make_phantom_series(folder: Path, patient_id: str) -> Path:
         patient_id=patient_id,
         patient_name=f"Phantom^{patient_id}",
         series_description="Synthetic chest phantom",
+        transfer_syntax=transfer_syntax,
     )
     return folder
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_phantom_series(tmp_path_factory.mktemp("phantom"), "PHANTOM1")
+
+
+@pytest.fixture(scope="session")
+def phantom_jpeg2000_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The chest phantom compressed as JPEG 2000 Lossless."""
+    return make_phantom_series(tmp_path_factory.mktemp("phantom-j2k"), "PHANTOM2", JPEG2000Lossless)
 
 
 @pytest.fixture(scope="session")
