@@ -9,13 +9,24 @@ needs pydicom.
 from __future__ import annotations
 
 import abc
+import enum
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Code", "LabelSpec", "ModelError", "SegmentationModel", "Volume"]
+__all__ = [
+    "Accepts",
+    "Code",
+    "LabelSpec",
+    "ModelError",
+    "OrientationValues",
+    "SegmentationModel",
+    "Volume",
+    "orientation_of",
+]
 
 
 @dataclass(frozen=True)
@@ -106,6 +117,72 @@ class Volume:
         return np.asarray(self.origin, dtype=np.float64) + np.asarray(indices, np.float64) @ axes
 
 
+class OrientationValues(enum.StrEnum):
+    """The plane of a slice, by the patient axis its normal is closest to."""
+
+    AXIAL = "axial"
+    SAGITTAL = "sagittal"
+    CORONAL = "coronal"
+    OBLIQUE = "oblique"
+
+
+# A slice counts as axial/sagittal/coronal when its normal is within about 25 degrees of
+# that patient axis (cos 25 deg = 0.906); anything else is oblique.
+_PLANE_COSINE = 0.9
+
+
+def orientation_of(image_orientation_patient: Sequence[float]) -> OrientationValues:
+    """The plane of slices with this ImageOrientationPatient (row then column cosines).
+
+    Raises
+    ------
+    ValueError
+        If it does not hold six numbers.
+    """
+    if len(image_orientation_patient) != 6:
+        raise ValueError(
+            f"ImageOrientationPatient must hold 6 values. Found {len(image_orientation_patient)}."
+        )
+    values = np.asarray(image_orientation_patient, dtype=np.float64)
+    normal = np.cross(values[:3], values[3:])
+    length = float(np.linalg.norm(normal))
+    if length == 0:
+        raise ValueError("ImageOrientationPatient row and column directions are parallel")
+    x, y, z = np.abs(normal) / length
+    if z >= _PLANE_COSINE:
+        return OrientationValues.AXIAL
+    if x >= _PLANE_COSINE:
+        return OrientationValues.SAGITTAL
+    if y >= _PLANE_COSINE:
+        return OrientationValues.CORONAL
+    return OrientationValues.OBLIQUE
+
+
+@dataclass(frozen=True)
+class Accepts:
+    """What input a model can take; the node skips other series before dispatch.
+
+    Empty tuples accept anything.
+    """
+
+    modalities: tuple[str, ...] = ()
+    orientations: tuple[OrientationValues, ...] = ()
+    min_slices: int = 1
+
+    def reject_reason(
+        self, *, modality: str, orientation: OrientationValues | None, slices: int
+    ) -> str | None:
+        """Why a series does not fit, in words for the admin; None if it fits."""
+        if self.modalities and modality not in self.modalities:
+            return f"modality {modality or 'missing'}, the model takes {'/'.join(self.modalities)}"
+        if self.orientations and orientation not in self.orientations:
+            accepted = "/".join(str(o) for o in self.orientations)
+            return f"{orientation or 'unknown'} slices, the model takes {accepted}"
+        if slices < self.min_slices:
+            return f"{slices} slices, the model needs at least {self.min_slices}"
+        return None
+
+
 class ModelError(Exception):
     """The model cannot process this input; the message is shown to a person."""
 
@@ -123,6 +200,7 @@ class SegmentationModel(abc.ABC):
     queue: ClassVar[Literal["gpu", "cpu"]] = "cpu"
     labels: ClassVar[tuple[LabelSpec, ...]]
     algorithm_family: ClassVar[Code] = Code("123110", "DCM", "Artificial Intelligence")
+    accepts: ClassVar[Accepts] = Accepts()
     description: ClassVar[str] = ""
 
     @abc.abstractmethod

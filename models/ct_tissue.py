@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
-from models.base import Code, LabelSpec, ModelError, SegmentationModel, Volume
+from models.base import Accepts, Code, LabelSpec, ModelError, SegmentationModel, Volume
 from models.registry import register_model
 
 __all__ = ["CtTissueModel"]
@@ -123,6 +123,8 @@ class CtTissueModel(SegmentationModel):
     # Thresholds, connected components and hole filling: CID 7162 has no thresholding
     # concept, and the morphological steps are what shape the output.
     algorithm_family = Code("123104", "DCM", "Morphological Operations")
+    # Weight-free, so any orientation; a volume needs at least two slices.
+    accepts = Accepts(modalities=("CT",), min_slices=2)
     description = "Threshold segmentation of soft tissue, lung and bone on CT (no weights)."
 
     def predict(self, volume: Volume) -> npt.NDArray[np.uint8]:

@@ -16,13 +16,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = [
     "Delivery",
     "DeliveryStateValues",
     "Job",
     "JobStateValues",
+    "PlannedJob",
     "SeriesRecord",
     "SeriesStateValues",
     "StateDB",
@@ -43,6 +44,7 @@ class JobStateValues(enum.StrEnum):
     RESULTS_READY = "results_ready"
     DELIVERED = "delivered"
     FAILED = "failed"
+    SKIPPED = "skipped"  # the model does not take this series; reason says why
 
 
 class DeliveryStateValues(enum.StrEnum):
@@ -101,6 +103,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, destination, path)
 );
 """
+
+
+class PlannedJob(NamedTuple):
+    """A job routing decided on: which model, chosen by which rules, sending where."""
+
+    model: str
+    rule: str
+    destinations: Sequence[str]
+    skipped_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -330,13 +341,15 @@ class StateDB:
     def route_series(
         self,
         series_instance_uid: str,
-        jobs: Sequence[tuple[str, str, Sequence[str]]],
+        jobs: Sequence[PlannedJob],
         reason: str | None = None,
     ) -> list[int]:
-        """Close routing of a complete series: create one job per (model, rule, destinations).
+        """Close routing of a complete series: create its jobs.
 
-        With no jobs the series is recorded as ignored with ``reason``. Returns the new
-        job ids. One transaction, so a crash never leaves a half-routed series.
+        A planned job with a ``skipped_reason`` is recorded as skipped with that reason.
+        With no jobs the series is recorded as ignored with ``reason``. Returns the ids
+        of the jobs created to run. One transaction, so a crash never leaves a
+        half-routed series.
         """
         now = time.time()
         ids: list[int] = []
@@ -347,28 +360,36 @@ class StateDB:
             ).fetchone()
             if row is None or row["state"] != SeriesStateValues.COMPLETE:
                 return ids
-            for model, rule, destinations in jobs:
+            for job in jobs:
+                state = (
+                    JobStateValues.PENDING if job.skipped_reason is None else JobStateValues.SKIPPED
+                )
                 cursor = conn.execute(
                     "INSERT OR IGNORE INTO jobs (series_instance_uid, study_instance_uid, model, "
-                    "rule, destinations, state, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    "rule, destinations, state, reason, created_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         series_instance_uid,
                         row["study_instance_uid"],
-                        model,
-                        rule,
-                        json.dumps(list(destinations)),
-                        JobStateValues.PENDING,
+                        job.model,
+                        job.rule,
+                        json.dumps(list(job.destinations)),
+                        state,
+                        job.skipped_reason,
                         now,
                         now,
                     ),
                 )
-                if cursor.rowcount and cursor.lastrowid is not None:
+                if (
+                    cursor.rowcount
+                    and cursor.lastrowid is not None
+                    and state == JobStateValues.PENDING
+                ):
                     ids.append(cursor.lastrowid)
-            state = SeriesStateValues.ROUTED if jobs else SeriesStateValues.IGNORED
+            series_state = SeriesStateValues.ROUTED if jobs else SeriesStateValues.IGNORED
             conn.execute(
                 "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ?",
-                (state, reason, series_instance_uid),
+                (series_state, reason, series_instance_uid),
             )
         return ids
 

@@ -9,6 +9,7 @@ import pytest
 from node.state import (
     DeliveryStateValues,
     JobStateValues,
+    PlannedJob,
     SeriesStateValues,
     StateDB,
 )
@@ -54,11 +55,13 @@ def test_series_completes_after_quiet_period_and_late_instances_are_kept(db: Sta
 
 def test_routing_creates_one_job_per_model_once(db: StateDB) -> None:
     _receive(db, "1.1", at=1.0)
-    assert db.route_series(SERIES, [("ct-tissue", "r", ["pacs"])]) == []  # not complete yet
+    assert (
+        db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"])]) == []
+    )  # not complete yet
     db.mark_series_complete(SERIES)
-    ids = db.route_series(SERIES, [("ct-tissue", "r", ["pacs"])])
+    ids = db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"])])
     assert len(ids) == 1
-    assert db.route_series(SERIES, [("ct-tissue", "r", ["pacs"])]) == []  # already routed
+    assert db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"])]) == []  # already routed
     job = db.job(ids[0])
     assert job is not None
     assert (job.state, job.destinations, job.study_instance_uid) == (
@@ -80,7 +83,7 @@ def test_unmatched_series_is_ignored_with_reason(db: StateDB) -> None:
 def _job(db: StateDB, destinations: list[str]) -> int:
     _receive(db, "1.1", at=1.0)
     db.mark_series_complete(SERIES)
-    return db.route_series(SERIES, [("ct-tissue", "r", destinations)])[0]
+    return db.route_series(SERIES, [PlannedJob("ct-tissue", "r", destinations)])[0]
 
 
 def test_job_lifecycle_to_delivered(db: StateDB) -> None:
@@ -140,3 +143,21 @@ def test_job_without_destinations_is_done_when_results_are_in(db: StateDB) -> No
     assert job is not None
     assert job.state == JobStateValues.DELIVERED
     assert job.attempts == 1
+
+
+def test_a_job_the_model_cannot_take_is_recorded_as_skipped(db: StateDB) -> None:
+    _receive(db, "1.1", at=1.0)
+    db.mark_series_complete(SERIES)
+    ids = db.route_series(
+        SERIES,
+        [
+            PlannedJob("ct-tissue", "r", ["pacs"]),
+            PlannedJob("mr-model", "r", ["pacs"], skipped_reason="modality CT, the model takes MR"),
+        ],
+    )
+    assert len(ids) == 1
+    states = {(job.model, job.state, job.reason) for job in db.jobs()}
+    assert states == {
+        ("ct-tissue", JobStateValues.PENDING, None),
+        ("mr-model", JobStateValues.SKIPPED, "modality CT, the model takes MR"),
+    }
