@@ -18,9 +18,10 @@ from types import FrameType
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from node.completeness import mark_quiet_series_complete, route_complete_series
+from node.completeness import mark_quiet_series_complete
 from node.config import Config
 from node.dispatch import Dispatcher
+from node.routing import route_complete_studies
 from node.scp import start_scp
 from node.sender import Sender
 from node.services import EmbeddedRedis, WorkerProcess, broker_url
@@ -129,7 +130,7 @@ class Node:
     def _tick(self) -> None:
         try:
             mark_quiet_series_complete(self.db, self.config.completion.quiet_seconds)
-            route_complete_series(self.db, self.config)
+            route_complete_studies(self.db, self.config.rules)
             if self.worker is not None and self.worker.check():
                 self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
             self.dispatcher.dispatch_pending()

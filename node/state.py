@@ -24,6 +24,7 @@ __all__ = [
     "Job",
     "JobStateValues",
     "PlannedJob",
+    "SeriesPlan",
     "SeriesRecord",
     "SeriesStateValues",
     "StateDB",
@@ -112,6 +113,13 @@ class PlannedJob(NamedTuple):
     rule: str
     destinations: Sequence[str]
     skipped_reason: str | None = None
+
+
+class SeriesPlan(NamedTuple):
+    """Routing's decision for one series: its jobs, or why it is ignored (no jobs)."""
+
+    jobs: Sequence[PlannedJob]
+    ignored_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -339,58 +347,54 @@ class StateDB:
             )
 
     def route_series(
-        self,
-        series_instance_uid: str,
-        jobs: Sequence[PlannedJob],
-        reason: str | None = None,
+        self, series_instance_uid: str, jobs: Sequence[PlannedJob], reason: str | None = None
     ) -> list[int]:
-        """Close routing of a complete series: create its jobs.
+        """:meth:`route_study` for a single series."""
+        return self.route_study({series_instance_uid: SeriesPlan(jobs, reason)})
 
-        A planned job with a ``skipped_reason`` is recorded as skipped with that reason.
-        With no jobs the series is recorded as ignored with ``reason``. Returns the ids
-        of the jobs created to run. One transaction, so a crash never leaves a
-        half-routed series.
+    def route_study(self, plans: dict[str, SeriesPlan]) -> list[int]:
+        """Close routing of complete series (one study): create their jobs.
+
+        A planned job with a ``skipped_reason`` is recorded as skipped with that reason;
+        a series without jobs is recorded as ignored with its reason. Returns the ids of
+        the jobs created to run. One transaction, so a crash never leaves a study half
+        routed; series no longer complete are left alone.
         """
         now = time.time()
         ids: list[int] = []
         with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT study_instance_uid, state FROM series WHERE series_instance_uid = ?",
-                (series_instance_uid,),
-            ).fetchone()
-            if row is None or row["state"] != SeriesStateValues.COMPLETE:
-                return ids
-            for job in jobs:
-                state = (
-                    JobStateValues.PENDING if job.skipped_reason is None else JobStateValues.SKIPPED
+            for series_instance_uid, plan in plans.items():
+                row = conn.execute(
+                    "SELECT study_instance_uid, state FROM series WHERE series_instance_uid = ?",
+                    (series_instance_uid,),
+                ).fetchone()
+                if row is None or row["state"] != SeriesStateValues.COMPLETE:
+                    continue
+                for job in plan.jobs:
+                    runs = job.skipped_reason is None
+                    cursor = conn.execute(
+                        "INSERT OR IGNORE INTO jobs (series_instance_uid, study_instance_uid, "
+                        "model, rule, destinations, state, reason, created_at, updated_at) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            series_instance_uid,
+                            row["study_instance_uid"],
+                            job.model,
+                            job.rule,
+                            json.dumps(list(job.destinations)),
+                            JobStateValues.PENDING if runs else JobStateValues.SKIPPED,
+                            job.skipped_reason,
+                            now,
+                            now,
+                        ),
+                    )
+                    if runs and cursor.rowcount and cursor.lastrowid is not None:
+                        ids.append(cursor.lastrowid)
+                state = SeriesStateValues.ROUTED if plan.jobs else SeriesStateValues.IGNORED
+                conn.execute(
+                    "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ?",
+                    (state, plan.ignored_reason, series_instance_uid),
                 )
-                cursor = conn.execute(
-                    "INSERT OR IGNORE INTO jobs (series_instance_uid, study_instance_uid, model, "
-                    "rule, destinations, state, reason, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        series_instance_uid,
-                        row["study_instance_uid"],
-                        job.model,
-                        job.rule,
-                        json.dumps(list(job.destinations)),
-                        state,
-                        job.skipped_reason,
-                        now,
-                        now,
-                    ),
-                )
-                if (
-                    cursor.rowcount
-                    and cursor.lastrowid is not None
-                    and state == JobStateValues.PENDING
-                ):
-                    ids.append(cursor.lastrowid)
-            series_state = SeriesStateValues.ROUTED if jobs else SeriesStateValues.IGNORED
-            conn.execute(
-                "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ?",
-                (series_state, reason, series_instance_uid),
-            )
         return ids
 
     # -- jobs ------------------------------------------------------------------------------
