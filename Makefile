@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
 RUN_DEBS := redis-server
-TEST_DEBS := redis-server dcmtk dicom3tools orthanc invesalius-examples
+TEST_DEBS := redis-server dcmtk dicom3tools orthanc invesalius-examples mricron-data
 
 .PHONY: run test install install-test system-deps-run system-deps-test lint clean
 

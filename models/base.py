@@ -203,6 +203,12 @@ class SegmentationModel(abc.ABC):
     accepts: ClassVar[Accepts] = Accepts()
     description: ClassVar[str] = ""
 
+    @classmethod
+    def missing_requirements(cls) -> str | None:
+        """What keeps this model from loading here (weights, packages), checked without
+        loading it; None when nothing is missing. ``pacsnode check-config`` reports it."""
+        return None
+
     @abc.abstractmethod
     def predict(self, volume: Volume) -> npt.NDArray[np.uint8]:
         """Return a label map with ``volume.voxels.shape``; values are label values or 0.

@@ -19,7 +19,7 @@ _MODEL_CLASSES: dict[str, type[SegmentationModel]] = {}
 _INSTANCES: dict[str, SegmentationModel] = {}
 
 # Modules that define the built-in models; importing them registers them.
-_BUILTIN_MODULES = ("models.ct_tissue",)
+_BUILTIN_MODULES = ("models.ct_tissue", "models.mr_brain_mask")
 
 
 def register_model(cls: _ModelT) -> _ModelT:

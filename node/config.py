@@ -242,6 +242,8 @@ class Config(_Frozen):
                         f"{where}.models: rule {rule.name!r} names model {model!r}, which does "
                         f"not exist; available: {', '.join(sorted(known_models))}"
                     )
+                elif (missing := known_models[model].missing_requirements()) is not None:
+                    problems.append(f"{where}.models: model {model!r} cannot run here: {missing}")
             for destination in rule.send_to:
                 if destination not in self.destinations:
                     defined = ", ".join(sorted(self.destinations)) or "none"

@@ -142,3 +142,31 @@ def test_check_config_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "node.port: Input should be a valid integer" in err
     assert "destinations.p.host: Field required" in err
     assert "destinations.p.port: Field required" in err
+
+
+def test_a_model_that_cannot_run_here_fails_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from models.mr_brain_mask import MrBrainMaskModel
+
+    monkeypatch.setattr(
+        MrBrainMaskModel,
+        "missing_requirements",
+        classmethod(lambda cls: "deepbet weights not found at /x/model.pt"),
+    )
+    rules = [{"name": "brain", "models": ["ct-tissue", "mr-brain-mask"]}]
+    with pytest.raises(
+        ConfigError,
+        match=r": rules\[0\]\.models: model 'mr-brain-mask' cannot run here: deepbet weights "
+        r"not found at /x/model\.pt",
+    ):
+        load_config(_write(tmp_path, {"rules": rules}))
+
+
+def test_shipped_models_can_run_here() -> None:
+    from models.registry import available_models
+
+    assert {name: cls.missing_requirements() for name, cls in available_models().items()} == {
+        "ct-tissue": None,
+        "mr-brain-mask": None,
+    }
