@@ -1,4 +1,8 @@
-"""Model registry: models register themselves by decorator and are looked up by name."""
+"""Model registry: models register themselves by decorator and are looked up by name.
+
+MONAI bundles in ``models/bundles/<name>/`` are registered too, one model per folder
+(:mod:`models.bundle`), each time :func:`available_models` runs.
+"""
 
 from __future__ import annotations
 
@@ -42,9 +46,23 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
+def _load_bundles() -> None:
+    from models.bundle import discover_bundles
+
+    for cls in discover_bundles():
+        register_model(cls)
+
+
 def available_models() -> dict[str, type[SegmentationModel]]:
-    """All registered model classes by name."""
+    """All registered model classes by name, the bundles in ``models/bundles/`` included.
+
+    Raises
+    ------
+    ValueError
+        If a bundle folder has the name of another model.
+    """
     _load_builtins()
+    _load_bundles()
     return dict(_MODEL_CLASSES)
 
 

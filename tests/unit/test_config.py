@@ -79,7 +79,7 @@ def test_config_is_frozen(tmp_path: Path) -> None:
             r": rules\[0\]\.match\.SliceThickness: min \(5\.0\) is greater than max \(1\.0\)",
         ),
         ({"rules": [{"name": "r", "models": []}]}, r": rules\[0\]\.models: List should have at least 1 item"),
-        ({"rules": [{"name": "r", "models": ["nope"]}]}, r": rules\[0\]\.models: rule 'r' names model 'nope', which does not exist; available: ct-tissue"),
+        ({"rules": [{"name": "r", "models": ["nope"]}]}, r": rules\[0\]\.models: rule 'r' names model 'nope', which does not exist; available: ct-bone-demo, ct-tissue"),
         (
             {"rules": [{"name": "r", "models": ["ct-tissue"], "send_to": ["pacs"]}]},
             r": rules\[0\]\.send_to: rule 'r' sends to 'pacs', which is not under destinations; defined: none",
@@ -169,4 +169,5 @@ def test_shipped_models_can_run_here() -> None:
     assert {name: cls.missing_requirements() for name, cls in available_models().items()} == {
         "ct-tissue": None,
         "mr-brain-mask": None,
+        "ct-bone-demo": None,
     }
