@@ -68,6 +68,7 @@ __all__ = [
     "BundleError",
     "BundleModel",
     "BundleSpec",
+    "argmax_channels",
     "bundle_model_class",
     "discover_bundles",
     "read_bundle",
@@ -600,7 +601,7 @@ class BundleModel(SegmentationModel):
             logits = torch.as_tensor(logits).float()
             if tuple(logits.shape[2:]) != shape:
                 logits = F.interpolate(logits, size=shape, mode="trilinear", align_corners=False)
-            labels = torch.argmax(logits, dim=1)[0].to(torch.uint8).cpu().numpy()
+            labels = argmax_channels(logits[0]).cpu().numpy()
         if back is not None:
             labels = orientations.apply_orientation(labels, back)
         labels = np.ascontiguousarray(labels, dtype=np.uint8)
@@ -613,6 +614,24 @@ class BundleModel(SegmentationModel):
             ),
         )
         return labels
+
+
+def argmax_channels(logits: Any) -> Any:
+    """``torch.argmax(logits, dim=0)`` as uint8, for (channels, *spatial) logits.
+
+    One pass per channel over contiguous memory instead of a reduction across the
+    strided channel axis, which takes torch about a second on a 2 x 64 x 512 x 512 CPU
+    tensor. Ties go to the lower channel, as with ``torch.argmax``.
+    """
+    import torch
+
+    best = logits[0].clone()
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    for channel in range(1, logits.shape[0]):
+        higher = logits[channel] > best
+        best = torch.where(higher, logits[channel], best)
+        labels[higher] = channel
+    return labels
 
 
 def bundle_model_class(path: Path) -> type[BundleModel]:

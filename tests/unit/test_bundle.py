@@ -170,3 +170,15 @@ def test_torchscript_bundle(tmp_path: Path, series_dir: Path, model: Segmentatio
     np.testing.assert_array_equal(
         bundle_model_class(bundle)().predict(volume), model.predict(volume)
     )
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_argmax_channels_equals_torch_argmax_ties_included(channels: int) -> None:
+    import torch
+
+    from models.bundle import argmax_channels
+
+    generator = torch.Generator().manual_seed(channels)
+    logits = torch.randint(0, 3, (channels, 5, 6, 7), generator=generator).float()  # many ties
+    expected = torch.argmax(logits, dim=0).to(torch.uint8)
+    assert torch.equal(argmax_channels(logits), expected)
