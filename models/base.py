@@ -105,16 +105,32 @@ class Volume:
         """Volume of one voxel in millilitres (1 mL = 1000 mm^3)."""
         return float(np.prod(self.spacing_mm)) / 1000.0
 
-    def voxel_to_patient(self, indices: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        """Map (N, 3) voxel indices (k, j, i) to (N, 3) patient coordinates in mm."""
-        axes = np.stack(
+    def _voxel_steps(self) -> npt.NDArray[np.float64]:
+        """Rows: one step along k, j and i, in patient (LPS) mm."""
+        return np.stack(
             [
                 np.asarray(self.slice_direction) * self.spacing_mm[0],
                 np.asarray(self.column_direction) * self.spacing_mm[1],
                 np.asarray(self.row_direction) * self.spacing_mm[2],
             ]
         )
-        return np.asarray(self.origin, dtype=np.float64) + np.asarray(indices, np.float64) @ axes
+
+    def voxel_to_patient(self, indices: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+        """Map (N, 3) voxel indices (k, j, i) to (N, 3) patient coordinates in mm."""
+        steps = self._voxel_steps()
+        return np.asarray(self.origin, dtype=np.float64) + np.asarray(indices, np.float64) @ steps
+
+    @property
+    def ras_affine(self) -> npt.NDArray[np.float64]:
+        """4x4 affine from voxel (k, j, i) to RAS mm, as NIfTI and MONAI use it.
+
+        DICOM patient space is LPS: the x and y rows are negated.
+        """
+        affine = np.eye(4)
+        affine[:3, :3] = self._voxel_steps().T
+        affine[:3, 3] = self.origin
+        affine[:2] *= -1.0
+        return affine
 
 
 class OrientationValues(enum.StrEnum):

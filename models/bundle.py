@@ -84,7 +84,6 @@ INFERENCE_FILE = Path("configs") / "inference.json"
 WEIGHTS_FILE = Path("models") / "model.pt"
 TORCHSCRIPT_FILE = Path("models") / "model.ts"
 
-_LPS_TO_RAS = np.asarray([-1.0, -1.0, 1.0])
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
 
@@ -452,19 +451,6 @@ def read_bundle(path: Path) -> BundleInfo:
 # --- the model ------------------------------------------------------------------------
 
 
-def _axes_ras(volume: Volume) -> npt.NDArray[np.float64]:
-    """Columns: the (slice, row, column) voxel steps in RAS mm."""
-    axes_lps = np.stack(
-        [
-            np.asarray(volume.slice_direction) * volume.spacing_mm[0],
-            np.asarray(volume.column_direction) * volume.spacing_mm[1],
-            np.asarray(volume.row_direction) * volume.spacing_mm[2],
-        ],
-        axis=1,
-    )
-    return np.asarray(_LPS_TO_RAS[:, None] * axes_lps)
-
-
 class BundleModel(SegmentationModel):
     """A MONAI bundle; :func:`bundle_model_class` makes one subclass per bundle folder."""
 
@@ -535,9 +521,7 @@ class BundleModel(SegmentationModel):
         spacing = volume.spacing_mm
         back = None
         if info.axcodes is not None:
-            affine = np.eye(4)
-            affine[:3, :3] = _axes_ras(volume)
-            current = orientations.io_orientation(affine)
+            current = orientations.io_orientation(volume.ras_affine)
             target = orientations.axcodes2ornt(tuple(info.axcodes), labels=_RAS_LABELS)
             to_net = orientations.ornt_transform(current, target)
             voxels = np.asarray(orientations.apply_orientation(voxels, to_net), dtype=np.float32)

@@ -55,7 +55,6 @@ _INSTALL_HINT = f"install it with `pip install deepbet=={DEEPBET_VERSION}`"
 _ANATOMICAL_STRUCTURE = Code("91723000", "SCT", "Anatomical Structure")
 # nibabel orientation of an array whose axes already run along R, A, S.
 _RAS = np.asarray([[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]])
-_LPS_TO_RAS = np.asarray([-1.0, -1.0, 1.0])
 
 
 def deepbet_weights_dir() -> Path:
@@ -86,21 +85,6 @@ def _missing_weights(folder: Path) -> str | None:
                 f"(its wheel puts them in <site-packages>/data/models)"
             )
     return None
-
-
-def _ras_orientation(volume: Volume) -> npt.NDArray[np.float64]:
-    """nibabel orientation of ``volume.voxels``' axes (slice, row, column) relative to RAS."""
-    axes_lps = np.stack(
-        [
-            np.asarray(volume.slice_direction) * volume.spacing_mm[0],
-            np.asarray(volume.column_direction) * volume.spacing_mm[1],
-            np.asarray(volume.row_direction) * volume.spacing_mm[2],
-        ],
-        axis=1,
-    )
-    affine = np.eye(4)
-    affine[:3, :3] = _LPS_TO_RAS[:, None] * axes_lps
-    return np.asarray(orientations.io_orientation(affine), dtype=np.float64)
 
 
 @register_model
@@ -206,7 +190,7 @@ class MrBrainMaskModel(SegmentationModel):
         if finite.size == 0 or float(finite.min()) == float(finite.max()):
             raise ModelError("mr-brain-mask: the image is blank (every voxel has one value).")
 
-        to_ras = _ras_orientation(volume)
+        to_ras = orientations.io_orientation(volume.ras_affine)
         from_ras = orientations.ornt_transform(_RAS, to_ras)
         x = np.array(orientations.apply_orientation(voxels, to_ras), dtype=np.float32)
         with self._lock:

@@ -336,3 +336,19 @@ def test_input_files_untouched(tmp_path: Path, hu: npt.NDArray[np.int16]) -> Non
     shutil.copy(paths[0], copy)
     load_series(paths)
     assert paths[0].read_bytes() == copy.read_bytes()
+
+
+def test_ras_affine_is_voxel_to_patient_with_x_and_y_negated() -> None:
+    from models.base import Volume
+
+    volume = Volume(
+        voxels=np.zeros((3, 4, 5), np.float32),
+        origin=(10.0, -20.0, 30.0),
+        row_direction=(0.0, 1.0, 0.0),
+        column_direction=(0.0, 0.0, -1.0),
+        spacing_mm=(2.0, 0.5, 0.75),
+    )
+    indices = np.array([[0.0, 0.0, 0.0], [2.0, 3.0, 4.0], [1.0, 0.0, 2.0]])
+    lps = volume.voxel_to_patient(indices)
+    ras = (volume.ras_affine @ np.c_[indices, np.ones(3)].T).T[:, :3]
+    np.testing.assert_allclose(ras, lps * [-1.0, -1.0, 1.0])
