@@ -288,6 +288,91 @@ def _ds(value: float) -> str:
     raise ValueError(f"cannot format {value} as DS")
 
 
+@dataclass(frozen=True)
+class _SeriesIdentity:
+    """What every slice of one written series shares: patient, study, series, frame."""
+
+    patient_name: str
+    patient_id: str
+    patient_sex: str
+    study_instance_uid: str
+    study_description: str
+    series_instance_uid: str
+    series_number: int
+    series_description: str
+    frame_of_reference_uid: str
+    modality: str
+    body_part: str
+    patient_position: str
+    date: str
+    time: str
+
+
+def _slice_dataset(
+    series: _SeriesIdentity,
+    *,
+    sop_class_uid: str,
+    image_type: Sequence[str],
+    instance_number: int,
+    position: npt.NDArray[np.float64],
+    row_dir: npt.ArrayLike,
+    col_dir: npt.ArrayLike,
+    shape: tuple[int, int],
+    pixel_spacing: tuple[float, float],
+    slice_thickness: float,
+    signed: bool,
+) -> Dataset:
+    """One slice's header with the attributes the CT and MR writers have in common:
+    patient, study, series, frame of reference, image plane and image pixel modules."""
+    normal = np.cross(np.asarray(row_dir, np.float64), np.asarray(col_dir, np.float64))
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.ImageType = list(image_type)
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = series.date
+    ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = series.time
+    ds.AccessionNumber = ""
+    ds.Modality = series.modality
+    ds.Manufacturer = "pacsnode tests"
+    ds.InstitutionName = "pacsnode"
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = series.study_description
+    ds.SeriesDescription = series.series_description
+    ds.ManufacturerModelName = "dicom_factory"
+    ds.PatientName = series.patient_name
+    ds.PatientID = series.patient_id
+    ds.PatientBirthDate = ""
+    ds.PatientSex = series.patient_sex
+    ds.BodyPartExamined = series.body_part
+    ds.SliceThickness = _ds(slice_thickness)
+    ds.PatientPosition = series.patient_position
+    ds.StudyInstanceUID = series.study_instance_uid
+    ds.SeriesInstanceUID = series.series_instance_uid
+    ds.StudyID = "1"
+    ds.SeriesNumber = series.series_number
+    ds.AcquisitionNumber = 1
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [_ds(float(v)) for v in position]
+    cosines = np.concatenate([np.asarray(row_dir, np.float64), np.asarray(col_dir, np.float64)])
+    ds.ImageOrientationPatient = [_ds(float(v) + 0.0) for v in cosines]
+    ds.FrameOfReferenceUID = series.frame_of_reference_uid
+    ds.PositionReferenceIndicator = ""
+    ds.SliceLocation = _ds(float(position @ normal))
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = shape
+    ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1 if signed else 0
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
 def write_ct_series(
     hu: npt.ArrayLike,
     out_dir: Path,
@@ -390,6 +475,22 @@ def write_ct_series(
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     window_center = float(np.median(volume))
+    identity = _SeriesIdentity(
+        patient_name=patient_name,
+        patient_id=patient_id,
+        patient_sex="O",
+        study_instance_uid=study_uid,
+        study_description="Synthetic study",
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        series_description=series_description,
+        frame_of_reference_uid=for_uid,
+        modality=modality,
+        body_part="CHEST",
+        patient_position="FFS" if feet_first else "HFS",
+        date=date,
+        time=time,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
@@ -397,65 +498,26 @@ def write_ct_series(
         instance_number = n_slices - k if feet_first else k + 1
         position = origin_v + k * float(spacing_mm[0]) * normal
 
-        ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = list(image_type)
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyDate = date
-        ds.SeriesDate = date
-        ds.AcquisitionDate = date
-        ds.ContentDate = date
-        ds.StudyTime = time
-        ds.SeriesTime = time
-        ds.AcquisitionTime = time
-        ds.ContentTime = time
-        ds.AccessionNumber = ""
-        ds.Modality = modality
-        ds.Manufacturer = "pacsnode tests"
-        ds.InstitutionName = "pacsnode"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "Synthetic study"
-        ds.SeriesDescription = series_description
-        ds.ManufacturerModelName = "dicom_factory"
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = _ds(float(spacing_mm[0]))
+        ds = _slice_dataset(
+            identity,
+            sop_class_uid=CTImageStorage,
+            image_type=image_type,
+            instance_number=instance_number,
+            position=position,
+            row_dir=row_dir,
+            col_dir=col_dir,
+            shape=(rows, cols),
+            pixel_spacing=(float(spacing_mm[1]), float(spacing_mm[2])),
+            slice_thickness=float(spacing_mm[0]),
+            signed=signed,
+        )
         ds.KVP = "120"
-        ds.PatientPosition = "FFS" if feet_first else "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = series_number
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = instance_number
-        ds.ImagePositionPatient = [_ds(float(v)) for v in position]
-        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = _ds(float(position @ normal))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = cols
-        ds.PixelSpacing = [_ds(float(spacing_mm[1])), _ds(float(spacing_mm[2]))]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1 if signed else 0
         ds.WindowCenter = _ds(window_center)
         ds.WindowWidth = "400"
         ds.RescaleIntercept = _ds(intercept)
         ds.RescaleSlope = _ds(rescale_slope)
         ds.RescaleType = "HU"
-
-        ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ts if ts in _UNCOMPRESSED else ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         frame = np.ascontiguousarray(pixels[k])
         if ts in _COMPRESSED:
             ds.compress(ts, frame, generate_instance_uid=False)
@@ -665,43 +727,45 @@ def write_mr_series_from_nifti(
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     window_low, window_high = np.percentile(values, [1.0, 99.5])
+    identity = _SeriesIdentity(
+        patient_name=patient_name,
+        patient_id=patient_id,
+        patient_sex="M",
+        study_instance_uid=study_uid,
+        study_description="MR head",
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        series_description=series_description,
+        frame_of_reference_uid=for_uid,
+        modality="MR",
+        body_part="HEAD",
+        patient_position="HFS",
+        date=date,
+        time=time,
+    )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
     for k in range(n_slices):
         position = origin + k * spacing[0] * slice_dir
 
-        ds = Dataset()
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-        ds.SOPClassUID = MRImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.StudyDate = date
-        ds.SeriesDate = date
-        ds.AcquisitionDate = date
-        ds.ContentDate = date
-        ds.StudyTime = time
-        ds.SeriesTime = time
-        ds.AcquisitionTime = time
-        ds.ContentTime = time
-        ds.AccessionNumber = ""
-        ds.Modality = "MR"
-        ds.Manufacturer = "pacsnode tests"
-        ds.InstitutionName = "pacsnode"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "MR head"
-        ds.SeriesDescription = series_description
-        ds.ManufacturerModelName = "dicom_factory"
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "M"
-        ds.BodyPartExamined = "HEAD"
+        ds = _slice_dataset(
+            identity,
+            sop_class_uid=MRImageStorage,
+            image_type=("ORIGINAL", "PRIMARY", "OTHER"),
+            instance_number=k + 1,
+            position=position,
+            row_dir=row_dir,
+            col_dir=col_dir,
+            shape=(rows, cols),
+            pixel_spacing=(spacing[1], spacing[2]),
+            slice_thickness=spacing[0],
+            signed=signed,
+        )
         ds.ScanningSequence = "GR"
         ds.SequenceVariant = "SP"
         ds.ScanOptions = ""
         ds.MRAcquisitionType = "3D"
-        ds.SliceThickness = _ds(spacing[0])
         ds.RepetitionTime = "18"
         ds.EchoTime = "10"
         ds.NumberOfAverages = "1"
@@ -712,37 +776,12 @@ def write_mr_series_from_nifti(
         ds.SpacingBetweenSlices = _ds(spacing[0])
         ds.EchoTrainLength = "1"
         ds.FlipAngle = "30"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = series_number
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(float(v)) for v in position]
-        ds.ImageOrientationPatient = [_ds(float(v) + 0.0) for v in (*row_dir, *col_dir)]
-        ds.FrameOfReferenceUID = for_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = _ds(float(position @ slice_dir))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows = rows
-        ds.Columns = cols
-        ds.PixelSpacing = [_ds(spacing[1]), _ds(spacing[2])]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1 if signed else 0
         ds.WindowCenter = _ds(float(window_low + window_high) / 2.0)
         ds.WindowWidth = _ds(max(float(window_high - window_low), 1.0))
         ds.RescaleIntercept = _ds(intercept)
         ds.RescaleSlope = _ds(slope)
         ds.RescaleType = "US"
-
-        ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
         ds.PixelData = np.ascontiguousarray(pixels[k]).tobytes()
 
         path = out_dir / f"mr_{k + 1:04d}.dcm"
