@@ -9,7 +9,7 @@ A chest phantom (``tests.dicom_factory.chest_phantom``, ``--slices`` x ``--size`
 Two networks then segment that volume, each in two ways:
 
 - ``ct-bone-demo``: the shipped bundle. pacsnode loads it with
-  ``models.registry.get_model``; the stock recipe builds ``network_def`` from the bundle's
+  ``models.registry.get_segmentation_model``; the stock recipe builds ``network_def`` from the bundle's
   ``configs/inference.json`` with ``monai.bundle.ConfigParser`` and loads ``models/model.pt``.
 - ``unet``: a MONAI UNet, channels (16, 32, 64, 128, 256), strides (2, 2, 2, 2),
   ``num_res_units=2``, 1 in / 2 out, random (seeded) weights. For pacsnode it is written as
@@ -66,18 +66,10 @@ from monai.networks.nets import UNet
 from monai.transforms import ScaleIntensityRange
 
 from models.base import SegmentationModel, Volume
-from models.bundle import (
-    BUNDLES_DIR,
-    INFERENCE_FILE,
-    METADATA_FILE,
-    SPEC_FILE,
-    WEIGHTS_FILE,
-    BundleModel,
-    BundleSpec,
-    bundle_model_class,
-    read_bundle,
-)
-from models.registry import get_model
+from models.bundle import INFERENCE_FILE, METADATA_FILE, WEIGHTS_FILE, read_bundle
+from models.network import BUNDLES_DIR, network_model_class, window_batch_size
+from models.registry import get_segmentation_model
+from models.spec import SPEC_FILE, ModelSpec
 from tests.dicom_factory import chest_phantom, write_ct_series
 from workers.pipeline import run_job
 from workers.series import load_series
@@ -151,7 +143,7 @@ def synchronize(device: torch.device) -> None:
 
 @contextmanager
 def clocked_sliding_window(device: torch.device) -> Iterator[SlidingWindowClock]:
-    """Wrap ``monai.inferers.sliding_window_inference`` (which ``BundleModel.predict``
+    """Wrap ``monai.inferers.sliding_window_inference`` (which ``NetworkRunner.sliding_window``
     imports at call time) with a clock."""
     clock = SlidingWindowClock(device)
     with mock.patch("monai.inferers.sliding_window_inference", new=clock):
@@ -161,20 +153,21 @@ def clocked_sliding_window(device: torch.device) -> Iterator[SlidingWindowClock]
 # --- the networks ---------------------------------------------------------------------
 
 
-def bundle_settings(path: Path) -> Settings:
-    """What pacsnode's loader reads from a bundle folder."""
+def bundle_settings(path: Path, device: torch.device) -> Settings:
+    """What pacsnode's loader reads from a bundle folder, for this device."""
     info = read_bundle(path)
-    if info.intensity is None:
-        raise ValueError(f"{path}: the benchmark needs an intensity window in the bundle.")
+    window = info.preprocessing.intensity
+    if window is None or info.roi_size is None:
+        raise ValueError(f"{path}: the benchmark needs a segmentation bundle with a window.")
     return Settings(
         roi_size=info.roi_size,
         overlap=info.overlap,
-        sw_batch_size=info.sw_batch_size,
+        sw_batch_size=window_batch_size(info, device.type),
         precision=info.spec.inference.precision,
-        a_min=info.intensity.a_min,
-        a_max=info.intensity.a_max,
-        b_min=info.intensity.b_min,
-        b_max=info.intensity.b_max,
+        a_min=window.a_min,
+        a_max=window.a_max,
+        b_min=window.b_min,
+        b_max=window.b_max,
     )
 
 
@@ -242,12 +235,14 @@ def write_unet_bundle(
     }
     (path / INFERENCE_FILE).write_text(json.dumps(inference, indent=2), encoding="utf-8")
     shipped_spec = shipped.spec
-    spec = BundleSpec.model_validate(
+    spec = ModelSpec.model_validate(
         {
             "queue": "gpu",
             "accepts": {"modalities": ["CT"], "min_slices": 2},
             "preprocessing": {
-                "intensity": shipped.intensity.model_dump() if shipped.intensity else None
+                "intensity": shipped.preprocessing.intensity.model_dump()
+                if shipped.preprocessing.intensity
+                else None
             },
             "inference": {
                 "roi_size": list(roi_size),
@@ -468,7 +463,7 @@ def format_job(split: JobSplit, title: str) -> str:
         ("inference (sliding window)", split.sliding_window),
         ("postprocess (argmax, volumes)", split.postprocess),
         ("results (SEG + SR, written)", t["results"]),
-        ("other (get_model, checks)", other),
+        ("other (get_segmentation_model, checks)", other),
         ("total", t["total"]),
     ]
     lines = [title, f"{'stage':<30} {'seconds':>9} {'share':>7}"]
@@ -543,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
         notes: list[str] = []
 
         bundle_path = BUNDLES_DIR / BUNDLE_NAME
-        settings = bundle_settings(bundle_path)
-        model = get_model(BUNDLE_NAME)
+        settings = bundle_settings(bundle_path, device)
+        model = get_segmentation_model(BUNDLE_NAME)
         stock_net = stock_bundle_network(bundle_path, device)
         bundle_rows, agreement = compare(
             BUNDLE_NAME, stock_net, model, volume, settings, device, args.repeat
@@ -560,9 +555,10 @@ def main(argv: list[str] | None = None) -> int:
                 overlap=settings.overlap,
                 precision=args.unet_precision,
             )
-            unet_settings = bundle_settings(unet_path)
-            unet_class: type[BundleModel] = bundle_model_class(unet_path)
+            unet_settings = bundle_settings(unet_path, device)
+            unet_class = network_model_class(unet_path)
             unet_model = unet_class()
+            assert isinstance(unet_model, SegmentationModel)
             unet_stock = UNet(
                 spatial_dims=3,
                 in_channels=1,

@@ -1,9 +1,11 @@
 """The model contract: what a model receives, what it declares and what it returns.
 
 A model sees a :class:`Volume` (voxels in a fixed array order with the geometry that
-places them in patient space) and returns a label map of the same shape. Everything
-DICOM-specific (which instances, which UIDs) stays in ``workers/``, so a model never
-needs pydicom.
+places them in patient space). A :class:`SegmentationModel` returns a label map of the
+same shape; a :class:`ClassificationModel` returns one probability per class, for a
+whole series (3-D) or for each image of it (2-D projection images such as CR, DX, MG).
+Everything DICOM-specific (which instances, which UIDs) stays in ``workers/``, so a
+model never needs pydicom.
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import numpy.typing as npt
 
 __all__ = [
     "Accepts",
+    "ClassSpec",
+    "ClassificationModel",
     "Code",
+    "InputKindValues",
     "LabelSpec",
+    "Model",
     "ModelError",
     "OrientationValues",
     "SegmentationModel",
@@ -70,6 +76,23 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
+class ClassSpec:
+    """One output class of a classification model.
+
+    Parameters
+    ----------
+    name
+        Short name shown to the radiologist (e.g. "Nodule").
+    finding
+        The coded finding the SR reports for this class (SNOMED CT, e.g. SCT 27925004
+        "Nodule").
+    """
+
+    name: str
+    finding: Code
+
+
+@dataclass(frozen=True)
 class Volume:
     """A 3-D image in patient space.
 
@@ -84,7 +107,10 @@ class Volume:
                + j * spacing_mm[1] * column_direction
                + i * spacing_mm[2] * row_direction
 
-    ``voxels`` holds rescaled values (HU for CT) as float32.
+    ``voxels`` holds rescaled values (HU for CT) as float32. A projection image (CR, DX,
+    MG) is a volume of one slice; where it carries no patient geometry, ``origin`` and the
+    directions are nominal (zero, identity) and ``spacing_mm`` is the imager pixel
+    spacing, or 1 mm where none is given.
     """
 
     voxels: npt.NDArray[np.float32]
@@ -203,20 +229,31 @@ class ModelError(Exception):
     """The model cannot process this input; the message is shown to a person."""
 
 
-class SegmentationModel(abc.ABC):
-    """A segmentation model: a :class:`Volume` in, a label map of the same shape out.
+class InputKindValues(enum.StrEnum):
+    """What one call of a model's ``predict`` sees."""
 
-    Subclasses set the class attributes and implement :meth:`predict`; register them with
-    :func:`models.registry.register_model`. One instance is created per worker process and
-    reused for every job, so load weights in ``__init__``.
+    #: The whole series as one 3-D volume.
+    VOLUME = "volume"
+    #: Each instance of the series on its own, as a one-slice volume (CR, DX, MG).
+    IMAGE = "image"
+
+
+class Model(abc.ABC):
+    """What every model declares; subclass :class:`SegmentationModel` or
+    :class:`ClassificationModel`, and register it with
+    :func:`models.registry.register_model`.
+
+    One instance is created per worker process and reused for every job, so load
+    weights in ``__init__``.
     """
 
     name: ClassVar[str]
     version: ClassVar[str]
+    task: ClassVar[Literal["segmentation", "classification"]]
     queue: ClassVar[Literal["gpu", "cpu"]] = "cpu"
-    labels: ClassVar[tuple[LabelSpec, ...]]
     algorithm_family: ClassVar[Code] = Code("123110", "DCM", "Artificial Intelligence")
     accepts: ClassVar[Accepts] = Accepts()
+    input_kind: ClassVar[InputKindValues] = InputKindValues.VOLUME
     description: ClassVar[str] = ""
 
     @classmethod
@@ -224,6 +261,13 @@ class SegmentationModel(abc.ABC):
         """What keeps this model from loading here (weights, packages), checked without
         loading it; None when nothing is missing. ``pacsnode check-config`` reports it."""
         return None
+
+
+class SegmentationModel(Model):
+    """A segmentation model: a :class:`Volume` in, a label map of the same shape out."""
+
+    task: ClassVar[Literal["segmentation", "classification"]] = "segmentation"
+    labels: ClassVar[tuple[LabelSpec, ...]]
 
     @abc.abstractmethod
     def predict(self, volume: Volume) -> npt.NDArray[np.uint8]:
@@ -241,3 +285,26 @@ class SegmentationModel(abc.ABC):
             if spec.value == value:
                 return spec
         raise KeyError(f"model {self.name!r} has no label {value}")
+
+
+class ClassificationModel(Model):
+    """A classification model: a :class:`Volume` in, one probability per class out.
+
+    ``input_kind`` says whether ``predict`` gets the whole series (``volume``) or each
+    image of it in turn (``image``, for projection radiographs). A class counts as
+    present when its probability is at least ``threshold``.
+    """
+
+    task: ClassVar[Literal["segmentation", "classification"]] = "classification"
+    classes: ClassVar[tuple[ClassSpec, ...]]
+    threshold: ClassVar[float] = 0.5
+
+    @abc.abstractmethod
+    def predict(self, volume: Volume) -> tuple[float, ...]:
+        """Return one probability in [0, 1] per class, in the order of ``classes``.
+
+        Raises
+        ------
+        ModelError
+            If the input is unsuitable (the message says why).
+        """

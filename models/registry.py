@@ -1,7 +1,8 @@
 """Model registry: models register themselves by decorator and are looked up by name.
 
-MONAI bundles in ``models/bundles/<name>/`` are registered too, one model per folder
-(:mod:`models.bundle`), each time :func:`available_models` runs.
+Network models in ``models/bundles/<name>/`` (MONAI bundles and TorchScript files with
+a spec) are registered too, one model per folder (:mod:`models.network`), each time
+:func:`available_models` runs.
 """
 
 from __future__ import annotations
@@ -11,16 +12,22 @@ import logging
 from collections.abc import Callable
 from typing import TypeVar
 
-from models.base import SegmentationModel
+from models.base import Model, SegmentationModel
 
-__all__ = ["available_models", "get_model", "get_model_class", "register_model"]
+__all__ = [
+    "available_models",
+    "get_model",
+    "get_model_class",
+    "get_segmentation_model",
+    "register_model",
+]
 
 logger = logging.getLogger(__name__)
 
-_ModelT = TypeVar("_ModelT", bound=type[SegmentationModel])
+_ModelT = TypeVar("_ModelT", bound=type[Model])
 
-_MODEL_CLASSES: dict[str, type[SegmentationModel]] = {}
-_INSTANCES: dict[str, SegmentationModel] = {}
+_MODEL_CLASSES: dict[str, type[Model]] = {}
+_INSTANCES: dict[str, Model] = {}
 
 # Modules that define the built-in models; importing them registers them.
 _BUILTIN_MODULES = ("models.ct_tissue", "models.mr_brain_mask")
@@ -46,27 +53,27 @@ def _load_builtins() -> None:
         importlib.import_module(module)
 
 
-def _load_bundles() -> None:
-    from models.bundle import discover_bundles
+def _load_network_models() -> None:
+    from models.network import discover_network_models
 
-    for cls in discover_bundles():
+    for cls in discover_network_models():
         register_model(cls)
 
 
-def available_models() -> dict[str, type[SegmentationModel]]:
-    """All registered model classes by name, the bundles in ``models/bundles/`` included.
+def available_models() -> dict[str, type[Model]]:
+    """All registered model classes by name, those in ``models/bundles/`` included.
 
     Raises
     ------
     ValueError
-        If a bundle folder has the name of another model.
+        If a model folder has the name of another model.
     """
     _load_builtins()
-    _load_bundles()
+    _load_network_models()
     return dict(_MODEL_CLASSES)
 
 
-def get_model_class(name: str) -> type[SegmentationModel]:
+def get_model_class(name: str) -> type[Model]:
     """The registered class for ``name``.
 
     Raises
@@ -80,9 +87,7 @@ def get_model_class(name: str) -> type[SegmentationModel]:
     return models[name]
 
 
-def get_model(
-    name: str, factory: Callable[[], SegmentationModel] | None = None
-) -> SegmentationModel:
+def get_model(name: str, factory: Callable[[], Model] | None = None) -> Model:
     """The process-wide instance of model ``name``, created on first use and kept."""
     instance = _INSTANCES.get(name)
     if instance is None:
@@ -90,3 +95,17 @@ def get_model(
         logger.info("loaded model %s %s", instance.name, instance.version)
         _INSTANCES[name] = instance
     return instance
+
+
+def get_segmentation_model(name: str) -> SegmentationModel:
+    """:func:`get_model` for callers that need a segmentation model.
+
+    Raises
+    ------
+    TypeError
+        If ``name`` is a model of another task.
+    """
+    model = get_model(name)
+    if not isinstance(model, SegmentationModel):
+        raise TypeError(f"model {name!r} is a {model.task} model, not a segmentation model")
+    return model

@@ -3,9 +3,10 @@
 A study is routed once none of its series is still receiving, all its complete series
 together: rules pick the models for each series (:mod:`node.rules`); a model that does
 not take a series (its ``accepts``) gets a skipped job with the reason; when several
-series of the study go to the same model, the one that fits best (ORIGINAL, axial,
-thinnest slices, most instances) runs and the others are recorded as skipped, naming
-the series chosen. Only headers are read (never pixel data), from the spool.
+series of the study go to the same volume model, the one that fits best (ORIGINAL,
+axial, thinnest slices, most instances) runs and the others are recorded as skipped,
+naming the series chosen. A model that reads images one by one (``input_kind`` image,
+e.g. a radiograph classifier) runs on every series it takes: each view is its own. Only headers are read (never pixel data), from the spool.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from models.base import OrientationValues, orientation_of
+from models.base import InputKindValues, OrientationValues, orientation_of
 from models.registry import get_model_class
 from node.config import Rule
 from node.rules import route_series
@@ -95,6 +96,8 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
                 runnable[choice.model].append(candidate)
         plans[uid] = SeriesPlan(jobs, None)
     for model, fitting in runnable.items():
+        if get_model_class(model).input_kind == InputKindValues.IMAGE:
+            continue
         best = max(fitting, key=SeriesCandidate.fitness)
         for other in fitting:
             if other is best:

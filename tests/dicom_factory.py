@@ -791,3 +791,126 @@ def write_mr_series_from_nifti(
 
 
 __all__ += ["CH2_BET_PATH", "CH2_PATH", "nifti_to_dicom_array", "write_mr_series_from_nifti"]
+
+
+DX_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+
+
+def pydicom_data_file(name: str) -> Path:
+    """A file of the PyPI package pydicom-data (a test dependency), e.g. ``RG1_UNCR.dcm``,
+    a real computed radiograph, read from the installed package (no download)."""
+    import data_store  # type: ignore[import-untyped]
+
+    path = Path(data_store.__file__).parent / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not in the installed pydicom-data package")
+    return path
+
+
+def write_radiographs(
+    images: Sequence[npt.NDArray[np.uint16]],
+    out_dir: Path,
+    *,
+    monochrome1: bool = False,
+    bits_stored: int = 12,
+    imager_pixel_spacing_mm: float = 0.15,
+    patient_id: str = "XR-001",
+    modality: str = "DX",
+) -> list[Path]:
+    """Write 2-D images as one DX series, one file per image, without patient geometry.
+
+    Parameters
+    ----------
+    images
+        Stored pixel values (MONOCHROME2: bright is dense), one array per image.
+    out_dir
+        Folder for the files (created if missing), named ``dx_0001.dcm`` ... in order.
+    monochrome1
+        Store each image inverted within ``bits_stored`` as MONOCHROME1 (low is dense),
+        as many CR/DX devices do; a correct reader gets back the same image.
+    bits_stored
+        BitsStored; values must fit.
+    imager_pixel_spacing_mm
+        ImagerPixelSpacing (rows and columns); no PixelSpacing, ImagePositionPatient or
+        ImageOrientationPatient, as on most projection radiographs.
+    patient_id
+        PatientID (and name suffix).
+    modality
+        DX or CR.
+
+    Returns
+    -------
+    list of Path
+        The written files, in InstanceNumber order.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    now = datetime.now()
+    top = (1 << bits_stored) - 1
+    paths = []
+    for number, image in enumerate(images, start=1):
+        pixels = np.asarray(image, dtype=np.uint16)
+        if pixels.ndim != 2 or int(pixels.max(initial=0)) > top:
+            raise ValueError(f"image {number} must be 2-D with values up to {top}")
+        if monochrome1:
+            pixels = (top - pixels).astype(np.uint16)
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        ds.SOPClassUID = DX_IMAGE_STORAGE
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+        ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+        ds.AccessionNumber = ""
+        ds.Modality = modality
+        ds.Manufacturer = "pacsnode tests"
+        ds.ReferringPhysicianName = ""
+        ds.StudyDescription = "Synthetic chest radiograph"
+        ds.SeriesDescription = "Synthetic DX"
+        ds.PatientName = f"Phantom^{patient_id}"
+        ds.PatientID = patient_id
+        ds.PatientBirthDate = ""
+        ds.PatientSex = "O"
+        ds.BodyPartExamined = "CHEST"
+        ds.ViewPosition = "PA"
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.StudyID = "1"
+        ds.SeriesNumber = 1
+        ds.InstanceNumber = number
+        ds.ImagerPixelSpacing = [_ds(imager_pixel_spacing_mm)] * 2
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+        ds.Rows, ds.Columns = pixels.shape
+        ds.BitsAllocated = 16
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = pixels.tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = out_dir / f"dx_{number:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def demo_radiographs(truth: Sequence[bool], seed: int) -> list[npt.NDArray[np.uint16]]:
+    """Synthetic radiographs from the xr-nodule-demo training script's own generator (an
+    opacity where ``truth`` says so), with a seed of the caller's; training uses 7 and
+    1007, so pick another."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "models" / "bundles" / "xr-nodule-demo"
+    spec = importlib.util.spec_from_file_location(
+        "xr_nodule_train", script / "scripts" / "train_classifier.py"
+    )
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load the training script under {script}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rng = np.random.default_rng(seed)
+    return [module.synthetic_radiograph(rng, nodule=bool(n)) for n in truth]

@@ -13,6 +13,7 @@ from pydicom import Dataset
 
 __all__ = [
     "iter_measurement_groups",
+    "read_findings",
     "read_means",
     "read_num",
     "read_referenced_segments",
@@ -24,6 +25,9 @@ _TRACKING_IDENTIFIER = ("112039", "DCM")
 _REFERENCED_SEGMENT = ("121191", "DCM")
 _VOLUME = ("118565006", "SCT")
 _MEAN_NAMES = {("112031", "DCM"), ("373098007", "SCT")}
+_PROBABILITY = ("122157", "DCM")
+_FINDING = ("121071", "DCM")
+_PRESENT_ABSENT = {("52101004", "SCT"): "present", ("272519000", "SCT"): "absent"}
 
 
 def _concept(item: Dataset) -> tuple[str, str]:
@@ -102,3 +106,22 @@ def read_referenced_segments(sr: Dataset) -> dict[str, tuple[str, int]]:
         sop = images[0].ReferencedSOPSequence[0]
         refs[name] = (str(sop.ReferencedSOPInstanceUID), int(sop.ReferencedSegmentNumber))
     return refs
+
+
+def read_findings(sr: Dataset) -> dict[str, tuple[str, float, str]]:
+    """Group name -> (finding code value, probability, "present"/"absent") of every
+    classification group: its Finding (DCM 121071), its Probability (DCM 122157, unit
+    "1") and the qualitative evaluation named by the finding."""
+    findings = {}
+    for name, group in iter_measurement_groups(sr):
+        coded = [child for child in group.ContentSequence if child.ValueType == "CODE"]
+        finding = next(c.ConceptCodeSequence[0] for c in coded if _concept(c) == _FINDING)
+        key = (str(finding.CodeValue), str(finding.CodingSchemeDesignator))
+        (evaluation,) = [c for c in coded if _concept(c) == key]
+        value = evaluation.ConceptCodeSequence[0]
+        verdict = _PRESENT_ABSENT[(str(value.CodeValue), str(value.CodingSchemeDesignator))]
+        probability, unit = read_num(group, {_PROBABILITY})
+        if unit != "1":
+            raise AssertionError(f"probability of {name!r} has unit {unit!r}, not 1")
+        findings[name] = (key[0], probability, verdict)
+    return findings

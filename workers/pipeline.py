@@ -1,4 +1,5 @@
-"""One job, start to finish: series on disk -> model -> SEG + SR files on disk.
+"""One job, start to finish: series on disk -> model -> result files on disk (SEG + SR
+for a segmentation, SR for a classification).
 
 Pure functions called by the Celery task; no Celery here, so tests call them directly.
 """
@@ -12,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from models.base import ModelError
+from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.registry import get_model
 from workers.seg import build_seg
-from workers.series import SeriesError, load_series
-from workers.sr import build_sr
+from workers.series import SeriesError, load_images, load_series
+from workers.sr import build_classification_sr, build_sr
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
@@ -43,21 +44,45 @@ def run_job(*, job_id: int, model_name: str, series_dir: Path, output_dir: Path)
     Returns
     -------
     dict
-        ``{"status": "ok", "files": [...], "segments": [...], "timings_s": {...}}`` or the
-        failure above.
+        ``{"status": "ok", "files": [...], "timings_s": {...}, ...}`` with the SEG's
+        ``measurements`` or the classifier's ``findings``, or the failure above.
     """
-    timings: dict[str, float] = {}
     started = time.perf_counter()
     paths = sorted(series_dir.glob("*.dcm"))
     if not paths:
         return _failed(job_id, f"no instances found in {series_dir}")
+    model = get_model(model_name)
+    if isinstance(model, ClassificationModel):
+        outcome = _classify(job_id, model, paths, output_dir)
+    elif isinstance(model, SegmentationModel):
+        outcome = _segment(job_id, model, paths, output_dir)
+    else:
+        raise TypeError(f"model {model.name} is neither a segmentation nor a classification model")
+    if outcome["status"] == "ok":
+        outcome["timings_s"]["total"] = time.perf_counter() - started
+        logger.info(
+            "job %d: %s on %d instances done in %.2f s",
+            job_id,
+            model.name,
+            len(paths),
+            outcome["timings_s"]["total"],
+            extra={"job_id": job_id},
+        )
+    return outcome
+
+
+def _segment(
+    job_id: int, model: SegmentationModel, paths: list[Path], output_dir: Path
+) -> dict[str, Any]:
+    """Series -> label map -> SEG + SR."""
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
     try:
         series = load_series(paths)
     except SeriesError as exc:
         return _failed(job_id, str(exc))
-    timings["load"] = time.perf_counter() - started
+    timings["load"] = time.perf_counter() - mark
 
-    model = get_model(model_name)
     mark = time.perf_counter()
     try:
         label_map = model.predict(series.volume)
@@ -82,20 +107,59 @@ def run_job(*, job_id: int, model_name: str, series_dir: Path, output_dir: Path)
     write_dataset_atomic(seg, seg_path)
     write_dataset_atomic(sr, sr_path)
     timings["results"] = time.perf_counter() - mark
-    timings["total"] = time.perf_counter() - started
-    logger.info(
-        "job %d: %s on %d slices done in %.2f s",
-        job_id,
-        model.name,
-        len(series.datasets),
-        timings["total"],
-        extra={"job_id": job_id},
-    )
     return {
         "status": "ok",
         "files": [str(seg_path), str(sr_path)],
         "seg_sop_instance_uid": str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "measurements": [m.as_dict() for m in measurements],
+        "timings_s": timings,
+    }
+
+
+def _classify(
+    job_id: int, model: ClassificationModel, paths: list[Path], output_dir: Path
+) -> dict[str, Any]:
+    """Series (or each image of it) -> class probabilities -> SR."""
+    timings: dict[str, float] = {}
+    mark = time.perf_counter()
+    try:
+        if model.input_kind == InputKindValues.IMAGE:
+            sources = load_images(paths)
+        else:
+            sources = [load_series(paths)]
+    except SeriesError as exc:
+        return _failed(job_id, str(exc))
+    timings["load"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    results = []
+    for source in sources:
+        try:
+            probabilities = model.predict(source.volume)
+        except ModelError as exc:
+            name = source.datasets[0].get("SOPInstanceUID", "?")
+            return _failed(job_id, f"{model.name} on instance {name}: {exc}")
+        if len(probabilities) != len(model.classes):
+            raise RuntimeError(
+                f"model {model.name} returned {len(probabilities)} probabilities for "
+                f"{len(model.classes)} classes"
+            )
+        results.append((source, probabilities))
+    timings["inference"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    first = sources[0].datasets[0]
+    uids = ResultUids.for_job(first.SeriesInstanceUID, model.name, model.version)
+    sr, findings = build_classification_sr(results, model, uids)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    sr_path = output_dir / SR_FILE
+    write_dataset_atomic(sr, sr_path)
+    timings["results"] = time.perf_counter() - mark
+    return {
+        "status": "ok",
+        "files": [str(sr_path)],
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "findings": [f.as_dict() for f in findings],
         "timings_s": timings,
     }

@@ -1,8 +1,11 @@
-"""Series loading: DICOM instances on disk -> a :class:`models.base.Volume` with geometry.
+"""Series loading: DICOM instances on disk -> :class:`models.base.Volume` objects.
 
-Each file is read with pydicom, the headers are checked to form one regular stack of
-slices, the slices are sorted along the slice normal, and the pixel data is decoded (in
-parallel) and rescaled to float32 (HU for CT).
+:func:`load_series` makes one volume of a series: each file is read with pydicom, the
+headers are checked to form one regular stack of slices, the slices are sorted along
+the slice normal, and the pixel data is decoded (in parallel) and rescaled to float32
+(HU for CT). :func:`load_images` makes one single-slice volume per instance, for models
+that look at projection images (CR, DX, MG) one at a time; those need no patient
+geometry.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from models.base import Volume
 
-__all__ = ["LoadedSeries", "SeriesError", "load_series"]
+__all__ = ["LoadedSeries", "SeriesError", "load_images", "load_series"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +60,9 @@ def _name(ds: Dataset) -> str:
     return str(ds.filename) if isinstance(ds.filename, str) else "<in-memory dataset>"
 
 
-def _read(path: Path) -> Dataset:
-    """Read one file; the pixel data stays undecoded."""
+def _read(path: Path, *, geometry: bool = True) -> Dataset:
+    """Read one file; the pixel data stays undecoded. ``geometry``: the patient-space
+    attributes a volume needs must be present."""
     try:
         ds = dcmread(path)
     except Exception as e:  # any parse failure means the file is unusable
@@ -66,7 +70,7 @@ def _read(path: Path) -> Dataset:
     if "PixelData" not in ds:
         raise SeriesError(f"{path}: no PixelData (not an image, or the file is truncated)")
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        if ds.get(keyword) is None:
+        if geometry and ds.get(keyword) is None:
             raise SeriesError(f"{path}: missing {keyword}")
     for keyword in ("Rows", "Columns"):
         if ds.get(keyword) is None:
@@ -190,6 +194,12 @@ def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
         raise SeriesError(
             f"{_name(ds)}: decoded pixel data has shape {stored.shape}, expected {expected}"
         )
+    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" and not int(
+        ds.get("PixelRepresentation") or 0
+    ):
+        # Low values are white: invert within the stored bits, so bright means dense
+        # for every image a model sees.
+        stored = ((1 << int(ds.get("BitsStored") or 16)) - 1) - stored.astype(np.int64)
     slope = float(ds.get("RescaleSlope") or 1.0)
     intercept = float(ds.get("RescaleIntercept") or 0.0)
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
@@ -250,3 +260,77 @@ def load_series(paths: Iterable[Path]) -> LoadedSeries:
         volume.spacing_mm,
     )
     return LoadedSeries(volume=volume, datasets=tuple(ordered))
+
+
+def _nominal_spacing(ds: Dataset) -> tuple[float, float]:
+    """PixelSpacing, else ImagerPixelSpacing, else 1 mm (row, column spacing)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        if ds.get(keyword) is None:
+            continue
+        try:
+            values = [float(v) for v in ds[keyword].value]
+        except (TypeError, ValueError):
+            continue
+        if len(values) == 2 and all(np.isfinite(v) and v > 0 for v in values):
+            return values[0], values[1]
+    return 1.0, 1.0
+
+
+def _image_volume(ds: Dataset, pixels: npt.NDArray[np.float32]) -> Volume:
+    origin, row, col = (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+    try:
+        if ds.get("ImagePositionPatient") is not None and ds.get("ImageOrientationPatient"):
+            position = _floats(ds, "ImagePositionPatient", 3)
+            row_v, col_v, _ = _directions(ds)
+            origin = (float(position[0]), float(position[1]), float(position[2]))
+            row = (float(row_v[0]), float(row_v[1]), float(row_v[2]))
+            col = (float(col_v[0]), float(col_v[1]), float(col_v[2]))
+    except SeriesError:
+        pass  # a projection image's geometry is informative only; keep the nominal one
+    row_spacing, column_spacing = _nominal_spacing(ds)
+    return Volume(
+        voxels=pixels[None],
+        origin=origin,
+        row_direction=row,
+        column_direction=col,
+        spacing_mm=(1.0, row_spacing, column_spacing),
+        modality=str(ds.get("Modality", "")),
+    )
+
+
+def load_images(paths: Iterable[Path]) -> list[LoadedSeries]:
+    """Read and decode each instance on its own, as a one-slice volume.
+
+    Parameters
+    ----------
+    paths
+        One file per image (CR, DX, MG, or any single-frame greyscale image).
+
+    Returns
+    -------
+    list[LoadedSeries]
+        One per file, ordered by InstanceNumber (then file name). MONOCHROME1 images are
+        inverted so that bright means dense; geometry missing from the header is nominal
+        (see :class:`models.base.Volume`).
+
+    Raises
+    ------
+    SeriesError
+        If there is no file, or a file is unreadable, truncated, multi-frame or colour.
+    """
+    files = sorted(Path(p) for p in paths)
+    if not files:
+        raise SeriesError("the series has no instances")
+    workers = os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        datasets = list(pool.map(lambda path: _read(path, geometry=False), files))
+        pixels = list(pool.map(_decode, datasets))
+    images = []
+    for ds, image in zip(datasets, pixels, strict=True):
+        del ds.PixelData
+        images.append(LoadedSeries(volume=_image_volume(ds, image), datasets=(ds,)))
+    images.sort(key=lambda loaded: int(loaded.datasets[0].get("InstanceNumber") or 0))
+    logger.info(
+        "loaded %d images of series %s", len(images), datasets[0].get("SeriesInstanceUID", "?")
+    )
+    return images

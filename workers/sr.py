@@ -1,10 +1,16 @@
-"""Per-segment measurements -> TID 1500 Measurement Report (Comprehensive 3D SR).
+"""Model results -> TID 1500 Measurement Report (Comprehensive 3D SR).
 
-For every segment of the SEG built by :func:`workers.seg.build_seg` the report holds one
-TID 1411 Volumetric ROI group that references the segment and carries its volume (mL)
-and mean intensity (HU for CT, unitless otherwise). The same numbers are returned as
-plain :class:`SegmentMeasurement` records so the worker can report them without parsing
-DICOM.
+Segmentation (:func:`build_sr`): for every segment of the SEG built by
+:func:`workers.seg.build_seg` the report holds one TID 1411 Volumetric ROI group that
+references the segment and carries its volume (mL) and mean intensity (HU for CT,
+unitless otherwise). The same numbers are returned as plain :class:`SegmentMeasurement`
+records so the worker can report them without parsing DICOM.
+
+Classification (:func:`build_classification_sr`): for every class, and for every image
+when the model classifies images one by one, one TID 1501 measurement group whose
+finding is the class's coded finding, holding its probability (DCM 122157, unit "1")
+and a qualitative evaluation of that finding, Present or Absent by the model's
+threshold, referencing the images it is about.
 """
 
 from __future__ import annotations
@@ -17,10 +23,11 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
-from models.base import SegmentationModel
+from models.base import ClassificationModel, Model, SegmentationModel
 from workers.seg import (
     MANUFACTURER,
     SegmentInfo,
@@ -34,10 +41,13 @@ from workers.uids import ResultUids, derive_uid
 __all__ = [
     "MEAN_CONCEPT",
     "MEAN_CT_CONCEPT",
+    "PROBABILITY_CONCEPT",
     "SR_SERIES_NUMBER",
     "VOLUME_CONCEPT",
     "VOLUME_UNIT",
+    "ClassFinding",
     "SegmentMeasurement",
+    "build_classification_sr",
     "build_sr",
     "measure_segments",
 ]
@@ -50,6 +60,9 @@ VOLUME_CONCEPT = codes.SCT.Volume  # SCT 118565006
 VOLUME_UNIT = PydicomCode("mL", "UCUM", "milliliter")
 MEAN_CT_CONCEPT = codes.DCM.AttenuationCoefficient  # DCM 112031, unit [hnsf'U]
 MEAN_CONCEPT = codes.SCT.Mean  # SCT 373098007, for modalities without a standard unit
+PROBABILITY_CONCEPT = codes.DCM.Probability  # DCM 122157
+PRESENT = codes.SCT.Present  # SCT 52101004
+ABSENT = codes.SCT.Absent  # SCT 272519000
 _IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # SCT 363679005
 _SLAB_SLICES = 16
 
@@ -71,6 +84,23 @@ class SegmentMeasurement:
     def as_dict(self) -> dict[str, int | float | str]:
         """The fields as a JSON-serialisable dict (for the Celery result)."""
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ClassFinding:
+    """What the SR reports for one class of one classification (an image or a series).
+
+    ``sop_instance_uids`` are the source instances the probability is about.
+    """
+
+    name: str
+    probability: float
+    present: bool
+    sop_instance_uids: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, object]:
+        """The fields as a JSON-serialisable dict (for the Celery result)."""
+        return {**dataclasses.asdict(self), "sop_instance_uids": list(self.sop_instance_uids)}
 
 
 def measure_segments(
@@ -157,6 +187,65 @@ def _mean_measurement(
     )
 
 
+def _algorithm(model: Model) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=model.name,
+        version=model.version,
+        family=to_pydicom_code(model.algorithm_family),
+        manufacturer=MANUFACTURER,
+    )
+
+
+def _report(
+    model: Model,
+    groups: Sequence[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ],
+    evidence: Sequence[Dataset],
+    uids: ResultUids,
+    series_number: int,
+    device_serial_number: str,
+) -> hd.sr.Comprehensive3DSR:
+    """The SR document: ``model`` as the observer device, ``groups`` as its content."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("pacsnode-device", model.name, model.version),
+            name=model.name,
+            manufacturer_name=MANUFACTURER,
+            model_name=f"{model.name} {model.version}"[:64],
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=uids.sr_series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=uids.sr_sop_instance_uid,
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        series_description=f"{MANUFACTURER} {model.name} SR"[:64],
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=pacsnode_version(),
+        device_serial_number=device_serial_number,
+    )
+    logger.info(
+        "built SR with %d measurement groups for model %s %s",
+        len(groups),
+        model.name,
+        model.version,
+        extra={"sop_instance_uid": str(uids.sr_sop_instance_uid)},
+    )
+    return sr
+
+
 def build_sr(
     series: LoadedSeries,
     label_map: npt.NDArray[np.integer],
@@ -211,12 +300,7 @@ def build_sr(
             "the segments build_seg returned for this label map."
         )
     measurements = measure_segments(series, label_map, segments)
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model.name,
-        version=model.version,
-        family=to_pydicom_code(model.algorithm_family),
-        manufacturer=MANUFACTURER,
-    )
+    algorithm = _algorithm(model)
     source_series = hd.sr.SourceSeriesForSegmentation(series.datasets[0].SeriesInstanceUID)
     modality = series.volume.modality or str(series.datasets[0].get("Modality", ""))
 
@@ -248,39 +332,102 @@ def build_sr(
             )
         )
 
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid("pacsnode-device", model.name, model.version),
-            name=model.name,
-            manufacturer_name=MANUFACTURER,
-            model_name=f"{model.name} {model.version}"[:64],
-        ),
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_IMAGING_PROCEDURE,
-        imaging_measurements=groups,
-    )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*series.datasets, seg],
-        content=report,
-        series_instance_uid=uids.sr_series_instance_uid,
-        series_number=series_number,
-        sop_instance_uid=uids.sr_sop_instance_uid,
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        is_complete=True,
-        series_description=f"{MANUFACTURER} {model.name} SR"[:64],
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=pacsnode_version(),
-        device_serial_number=device_serial_number,
-    )
-    logger.info(
-        "built SR with %d measurement groups for model %s %s",
-        len(groups),
-        model.name,
-        model.version,
-        extra={"sop_instance_uid": str(uids.sr_sop_instance_uid)},
-    )
+    sr = _report(model, groups, [*series.datasets, seg], uids, series_number, device_serial_number)
     return sr, measurements
+
+
+def build_classification_sr(
+    results: Sequence[tuple[LoadedSeries, Sequence[float]]],
+    model: ClassificationModel,
+    uids: ResultUids,
+    *,
+    series_number: int = SR_SERIES_NUMBER,
+    device_serial_number: str = "1",
+) -> tuple[hd.sr.Comprehensive3DSR, list[ClassFinding]]:
+    """Build the TID 1500 Measurement Report of a classification.
+
+    Parameters
+    ----------
+    results
+        (source, probabilities) pairs: one for a whole series, or one per image for a
+        model that classifies images one by one; probabilities in the order of
+        ``model.classes``.
+    model
+        The classifier; its classes give the coded findings, its threshold decides
+        present or absent.
+    uids
+        The job's result UIDs (SR series and instance UIDs).
+    series_number
+        SeriesNumber of the SR series.
+    device_serial_number
+        DeviceSerialNumber written in the equipment module.
+
+    Returns
+    -------
+    tuple[highdicom.sr.Comprehensive3DSR, list[ClassFinding]]
+        The SR and what it says, one record per (source, class), in that order.
+
+    Raises
+    ------
+    ValueError
+        If there are no results, a result has the wrong number of probabilities, or a
+        probability is outside [0, 1].
+    """
+    if not results:
+        raise ValueError("results is empty; there is nothing to report.")
+    algorithm = _algorithm(model)
+    several = len(results) > 1
+    groups = []
+    findings = []
+    for number, (source, probabilities) in enumerate(results, start=1):
+        if len(probabilities) != len(model.classes):
+            raise ValueError(
+                f"{len(probabilities)} probabilities for the {len(model.classes)} classes "
+                f"of model {model.name!r}"
+            )
+        first = source.datasets[0]
+        where = f" (image {first.get('InstanceNumber') or number})" if several else ""
+        images = [
+            hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
+            for ds in source.datasets
+        ]
+        for index, (spec, probability) in enumerate(zip(model.classes, probabilities, strict=True)):
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"probability of {spec.name!r} is {probability}, not in [0, 1]")
+            present = probability >= model.threshold
+            finding = to_pydicom_code(spec.finding)
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=uids.derive("class", str(number), str(index)),
+                        identifier=f"{spec.name}{where}"[:64],
+                    ),
+                    finding_type=finding,
+                    algorithm_id=algorithm,
+                    source_images=images,
+                    measurements=[
+                        hd.sr.Measurement(
+                            name=PROBABILITY_CONCEPT,
+                            value=probability,
+                            unit=codes.UCUM.NoUnits,
+                            algorithm_id=algorithm,
+                        )
+                    ],
+                    qualitative_evaluations=[
+                        hd.sr.QualitativeEvaluation(
+                            name=finding, value=PRESENT if present else ABSENT
+                        )
+                    ],
+                )
+            )
+            findings.append(
+                ClassFinding(
+                    name=spec.name,
+                    probability=probability,
+                    present=present,
+                    sop_instance_uids=tuple(str(ds.SOPInstanceUID) for ds in source.datasets),
+                )
+            )
+    evidence = [ds for source, _ in results for ds in source.datasets]
+    sr = _report(model, groups, evidence, uids, series_number, device_serial_number)
+    return sr, findings

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from models.base import SegmentationModel
-from models.bundle import BUNDLES_DIR, SPEC_FILE, BundleError, bundle_model_class, read_bundle
-from models.registry import available_models, get_model, get_model_class
+from models.bundle import read_bundle
+from models.network import BUNDLES_DIR, network_model_class
+from models.registry import available_models, get_model_class, get_segmentation_model
+from models.spec import SPEC_FILE, ModelSpecError
 from tests.dicom_factory import ChestPhantom, chest_phantom, write_ct_series
 from tests.peers import dciodvfy_errors
 from workers.pipeline import run_job
@@ -41,7 +44,7 @@ def series_dir(tmp_path_factory: pytest.TempPathFactory, phantom: ChestPhantom) 
 
 @pytest.fixture(scope="module")
 def model() -> SegmentationModel:
-    return get_model("ct-bone-demo")
+    return get_segmentation_model("ct-bone-demo")
 
 
 def _copy_bundle(tmp_path: Path, name: str = "copy") -> Path:
@@ -52,6 +55,7 @@ def _copy_bundle(tmp_path: Path, name: str = "copy") -> Path:
 
 def test_registered_from_metadata_and_spec() -> None:
     cls = get_model_class("ct-bone-demo")
+    assert issubclass(cls, SegmentationModel)
     assert cls.name == "ct-bone-demo"
     assert (cls.version, cls.queue) == ("0.1.0", "cpu")
     assert cls.missing_requirements() is None
@@ -86,11 +90,13 @@ def test_reorientation_and_resampling(tmp_path: Path, phantom: ChestPhantom) -> 
     )
     (bundle / SPEC_FILE).write_text(spec)
     info = read_bundle(bundle)
-    assert (info.axcodes, info.spacing_mm) == ("RAS", (2.0, 2.0, 4.0))
+    assert (info.preprocessing.axcodes, info.preprocessing.spacing_mm) == ("RAS", (2.0, 2.0, 4.0))
     folder = tmp_path / "series"
     write_ct_series(phantom.hu, folder, spacing_mm=phantom.spacing_mm)
     volume = load_series(sorted(folder.glob("*.dcm"))).volume
-    labels = bundle_model_class(bundle)().predict(volume)
+    model = network_model_class(bundle)()
+    assert isinstance(model, SegmentationModel)
+    labels = model.predict(volume)
     assert labels.shape == phantom.hu.shape
     assert _dice(labels, phantom.spine) >= 0.8
 
@@ -98,19 +104,19 @@ def test_reorientation_and_resampling(tmp_path: Path, phantom: ChestPhantom) -> 
 def test_missing_weights_named(tmp_path: Path) -> None:
     bundle = _copy_bundle(tmp_path)
     (bundle / "models" / "model.pt").unlink()
-    message = bundle_model_class(bundle).missing_requirements()
+    message = network_model_class(bundle).missing_requirements()
     assert message is not None
     assert str(bundle / "models" / "model.pt") in message
     assert "model.ts" in message
-    with pytest.raises(BundleError, match=r"has no weights"):
-        bundle_model_class(bundle)()
+    with pytest.raises(ModelSpecError, match=r"has no weights"):
+        network_model_class(bundle)()
 
 
 def test_unknown_spec_key_named(tmp_path: Path) -> None:
     bundle = _copy_bundle(tmp_path)
     spec = bundle / SPEC_FILE
     spec.write_text(spec.read_text().replace("  overlap: 0.25\n", "  overlap: 0.25\n  tile: 3\n"))
-    message = bundle_model_class(bundle).missing_requirements()
+    message = network_model_class(bundle).missing_requirements()
     assert message is not None
     assert message.startswith(f"{spec}: inference.tile: Extra inputs are not permitted")
 
@@ -119,7 +125,9 @@ def test_bad_spec_value_named(tmp_path: Path) -> None:
     bundle = _copy_bundle(tmp_path)
     spec = bundle / SPEC_FILE
     spec.write_text(spec.read_text().replace("precision: fp32", "precision: fp8"))
-    with pytest.raises(BundleError, match=r"pacsnode\.yaml: inference\.precision: Input should be"):
+    with pytest.raises(
+        ModelSpecError, match=r"pacsnode\.yaml: inference\.precision: Input should be"
+    ):
         read_bundle(bundle)
 
 
@@ -129,7 +137,7 @@ def test_label_without_codes_named(tmp_path: Path) -> None:
     text = spec.read_text()
     spec.write_text(text[: text.index("labels:")])
     with pytest.raises(
-        BundleError, match=r"field 'labels' must give SNOMED CT codes .*1 \('bone'\)"
+        ModelSpecError, match=r"field 'labels' must give SNOMED CT codes .*1 \('bone'\)"
     ):
         read_bundle(bundle)
 
@@ -138,7 +146,7 @@ def test_metadata_without_channel_def_named(tmp_path: Path) -> None:
     bundle = _copy_bundle(tmp_path)
     metadata = bundle / "configs" / "metadata.json"
     metadata.write_text(metadata.read_text().replace('"channel_def"', '"channels"'))
-    message = bundle_model_class(bundle).missing_requirements()
+    message = network_model_class(bundle).missing_requirements()
     assert message is not None
     assert message.startswith(f"{metadata}: field 'network_data_format.outputs.pred.channel_def'")
 
@@ -168,7 +176,7 @@ def test_torchscript_bundle(tmp_path: Path, series_dir: Path, model: Segmentatio
     assert read_bundle(bundle).torchscript
     volume = load_series(sorted(series_dir.glob("*.dcm"))).volume
     np.testing.assert_array_equal(
-        bundle_model_class(bundle)().predict(volume), model.predict(volume)
+        network_model_class(bundle)().predict(volume), model.predict(volume)
     )
 
 
@@ -176,9 +184,47 @@ def test_torchscript_bundle(tmp_path: Path, series_dir: Path, model: Segmentatio
 def test_argmax_channels_equals_torch_argmax_ties_included(channels: int) -> None:
     import torch
 
-    from models.bundle import argmax_channels
+    from models.network import argmax_channels
 
     generator = torch.Generator().manual_seed(channels)
     logits = torch.randint(0, 3, (channels, 5, 6, 7), generator=generator).float()  # many ties
     expected = torch.argmax(logits, dim=0).to(torch.uint8)
     assert torch.equal(argmax_channels(logits), expected)
+
+
+def test_stitching_falls_back_to_host_memory(
+    model: SegmentationModel, series_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU out of memory while stitching, the same windows are stitched on the host.
+
+    This machine has no GPU, so the runner is told its device is CUDA and MONAI's
+    sliding window is wrapped: a call that stitches on the (pretend) GPU raises CUDA's
+    out-of-memory error, a call that stitches in host memory runs for real on the CPU.
+    """
+    import monai.inferers
+    import torch
+
+    from models.network import NetworkSegmentationModel, argmax_channels
+
+    assert isinstance(model, NetworkSegmentationModel)
+    volume = load_series(sorted(series_dir.glob("*.dcm"))).volume
+    expected = model.predict(volume)
+    real = monai.inferers.sliding_window_inference
+    stitched_on: list[str] = []
+
+    def pretend_gpu(*args: Any, **kwargs: Any) -> Any:
+        stitched_on.append(str(kwargs["device"]))
+        if kwargs["device"] != torch.device("cpu"):
+            raise torch.OutOfMemoryError("CUDA out of memory (pretend)")
+        return real(*args, **{**kwargs, "sw_device": torch.device("cpu")})
+
+    runner = model.runner
+    with torch.inference_mode():
+        x, _, _ = runner.to_network_input(volume)
+        monkeypatch.setattr(runner, "device", torch.device("cuda"))
+        monkeypatch.setattr(monai.inferers, "sliding_window_inference", pretend_gpu)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        logits = runner.sliding_window(x)
+    assert stitched_on == ["cuda", "cpu"]
+    assert logits.device == torch.device("cpu")
+    np.testing.assert_array_equal(argmax_channels(logits[0]).numpy(), expected)

@@ -170,4 +170,5 @@ def test_shipped_models_can_run_here() -> None:
         "ct-tissue": None,
         "mr-brain-mask": None,
         "ct-bone-demo": None,
+        "xr-nodule-demo": None,
     }

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from models.base import ModelError, OrientationValues, SegmentationModel, Volume
 from models.mr_brain_mask import BRAIN, MrBrainMaskModel, deepbet_weights_dir
-from models.registry import get_model, get_model_class
+from models.registry import get_model_class, get_segmentation_model
 from tests.dicom_factory import CH2_BET_PATH, CH2_PATH, write_mr_series_from_nifti
 from tests.peers import dciodvfy_errors
 from tests.sr_reading import read_volumes_ml
@@ -48,7 +48,7 @@ def series(series_dir: Path) -> LoadedSeries:
 @pytest.fixture(scope="module")
 def model() -> SegmentationModel:
     # The process-wide instance, so run_job below reuses the loaded networks.
-    return get_model("mr-brain-mask")
+    return get_segmentation_model("mr-brain-mask")
 
 
 @pytest.fixture(scope="module")

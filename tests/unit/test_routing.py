@@ -69,3 +69,11 @@ def test_unmatched_and_unreadable_series_are_ignored_with_the_reason() -> None:
         "1.1": SeriesPlan([], "no rule matches"),
         "1.2": SeriesPlan([], "cannot read the header of x.dcm: truncated"),
     }
+
+
+def test_an_image_model_runs_on_every_series_it_takes() -> None:
+    """Two radiograph series of one study (PA and lateral) both go to the classifier."""
+    rules = [Rule.model_validate({"name": "xr", "match": {"Modality": "DX"}, "models": ["xr-nodule-demo"], "send_to": ["pacs"]})]  # fmt: skip
+    plans = plan_study([_series("1.1", 1, Modality="DX"), _series("1.2", 1, Modality="DX")], rules)
+    job = PlannedJob("xr-nodule-demo", "xr", ("pacs",), None)
+    assert plans == {"1.1": SeriesPlan([job]), "1.2": SeriesPlan([job])}

@@ -1,0 +1,437 @@
+"""Network models: the MONAI bundles and TorchScript files in ``models/bundles/``, run
+the same way on a GPU or a CPU.
+
+Each folder under ``models/bundles/`` becomes one registered model named after the
+folder (:func:`discover_network_models`): a Model Zoo bundle (:mod:`models.bundle`) or
+a TorchScript file with its spec (:mod:`models.torchscript`). A broken folder is still
+registered; its ``missing_requirements()`` says what is wrong, so ``pacsnode
+check-config`` reports it before anything is received.
+
+How a volume runs (:class:`NetworkRunner`): the voxels are copied to the device once;
+reorientation, resampling and intensity scaling happen there with torch; segmentation
+runs MONAI's sliding window with batches of 16 windows on a GPU (4 on a CPU, unless the
+spec says otherwise) under bf16 autocast where the spec allows; the logits are stitched
+on the device, or in host memory when the device runs out of memory; the argmax and the
+way back to the volume's grid run where the logits are, and only the uint8 label map
+comes back. A classifier's outputs become probabilities by softmax or sigmoid. On a
+CPU, torch uses the threads ``pacsnode worker`` sets: the process's cores over its
+concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+from nibabel import orientations
+
+from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel, Volume
+from models.bundle import METADATA_FILE, is_bundle, read_bundle
+from models.spec import ModelSpecError, NetworkInfo
+from models.torchscript import is_torchscript_model, read_torchscript_model
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "BUNDLES_DIR",
+    "CPU_SW_BATCH_SIZE",
+    "GPU_SW_BATCH_SIZE",
+    "NetworkClassificationModel",
+    "NetworkRunner",
+    "NetworkSegmentationModel",
+    "argmax_channels",
+    "discover_network_models",
+    "network_model_class",
+    "read_network",
+    "window_batch_size",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Where network models live; every sub-folder is one model.
+BUNDLES_DIR = Path(__file__).resolve().parent / "bundles"
+#: Sliding-window batch when the spec gives none: enough windows per forward pass to
+#: keep a GPU busy; on a CPU more windows per pass gain little.
+GPU_SW_BATCH_SIZE = 16
+CPU_SW_BATCH_SIZE = 4
+
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+
+def read_network(path: Path) -> NetworkInfo:
+    """Read a model folder: a Model Zoo bundle or a TorchScript file with its spec.
+
+    Raises
+    ------
+    ModelSpecError
+        If the folder is neither, or what it holds is incomplete or wrong.
+    """
+    path = Path(path)
+    if is_bundle(path):
+        return read_bundle(path)
+    if is_torchscript_model(path):
+        return read_torchscript_model(path)
+    raise ModelSpecError(
+        f"{path} is neither a MONAI bundle (configs/metadata.json) nor a TorchScript model "
+        "(model.ts with pacsnode.yaml)"
+    )
+
+
+def window_batch_size(info: NetworkInfo, device_type: str) -> int:
+    """Sliding-window batch on this kind of device: the spec's, else the bundle's own
+    (at least :data:`GPU_SW_BATCH_SIZE` on a GPU), else the default for the device."""
+    explicit = info.spec.inference.sw_batch_size
+    if explicit is not None:
+        return explicit
+    if device_type == "cuda":
+        return max(GPU_SW_BATCH_SIZE, info.default_sw_batch_size or 0)
+    return info.default_sw_batch_size or CPU_SW_BATCH_SIZE
+
+
+def _apply_orientation(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> torch.Tensor:
+    """nibabel's ``apply_orientation`` for the last three axes of a torch tensor."""
+    first = tensor.ndim - 3
+    flips = [first + axis for axis in range(3) if ornt[axis, 1] < 0]
+    if flips:
+        tensor = tensor.flip(flips)
+    order = [int(axis) for axis in np.argsort(ornt[:, 0])]
+    return tensor.permute(*range(first), *(first + axis for axis in order))
+
+
+def argmax_channels(logits: torch.Tensor) -> torch.Tensor:
+    """``torch.argmax(logits, dim=0)`` as uint8, for (channels, *spatial) logits.
+
+    One pass per channel over contiguous memory instead of a reduction across the
+    strided channel axis, which takes torch about a second on a 2 x 64 x 512 x 512 CPU
+    tensor. Ties go to the lower channel, as with ``torch.argmax``.
+    """
+    import torch
+
+    best = logits[0].clone()
+    labels = torch.zeros(best.shape, dtype=torch.uint8, device=logits.device)
+    for channel in range(1, logits.shape[0]):
+        higher = logits[channel] > best
+        best = torch.where(higher, logits[channel], best)
+        labels[higher] = channel
+    return labels
+
+
+class NetworkRunner:
+    """A loaded network and the steps around it; one per model per worker process."""
+
+    def __init__(self, info: NetworkInfo) -> None:
+        """Load the network once, on CUDA if available, else on the CPU.
+
+        Raises
+        ------
+        ModelSpecError
+            If the weights do not fit the bundle's ``network_def``.
+        """
+        import torch
+
+        self.info = info
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = self._load().to(self.device).eval()
+        self.autocast = info.spec.inference.precision == "bf16" and self.device.type == "cuda"
+        self.sw_batch_size = window_batch_size(info, self.device.type)
+        # BatchNorm and friends are stateless in eval(), but keep one job at a time per model.
+        self.lock = threading.Lock()
+        logger.info(
+            "%s %s: %s on %s%s, %d windows per pass",
+            info.name,
+            info.version,
+            info.weights,
+            self.device,
+            " (bf16)" if self.autocast else "",
+            self.sw_batch_size,
+        )
+
+    def _load(self) -> torch.nn.Module:
+        import torch
+
+        info = self.info
+        if info.state_dict_network is None:
+            # Plain torch.jit.load: monai.data.load_net_with_metadata insists on the
+            # metadata.json extra file that ckpt_export adds and a plain jit.save lacks.
+            module: torch.nn.Module = torch.jit.load(str(info.weights), map_location=self.device)
+            return module
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_meta(info.path / METADATA_FILE)
+        parser.read_config(info.state_dict_network)
+        net: torch.nn.Module = parser.get_parsed_content("network_def")
+        state = torch.load(info.weights, map_location=self.device, weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # a training checkpoint {"model": ..., "optimizer": ...}
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as e:
+            raise ModelSpecError(
+                f"{info.weights} does not fit network_def of {info.state_dict_network}: {e}"
+            ) from e
+        return net
+
+    # --- preprocessing, on the device --------------------------------------------------
+
+    def to_network_input(
+        self, volume: Volume
+    ) -> tuple[torch.Tensor, npt.NDArray[np.float64] | None, tuple[int, ...]]:
+        """The network's input, (1, 1, *spatial) on the device; the orientation transform
+        back to the volume's axes (None when the array order is kept); and the spatial
+        shape after reorientation, before resampling (the grid results go back to).
+
+        A one-slice volume given to an ``image`` model becomes (1, 1, rows, columns).
+
+        Raises
+        ------
+        ModelError
+            If the volume holds non-finite values or has the wrong number of dimensions.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        info = self.info
+        pre = info.preprocessing
+        image_input = info.spec.input == InputKindValues.IMAGE
+        voxels = volume.voxels
+        if voxels.ndim != 3 or (image_input and voxels.shape[0] != 1):
+            wanted = "one image (1, rows, columns)" if image_input else "a 3-D volume"
+            raise ModelError(f"{info.name} needs {wanted}; found shape {voxels.shape}.")
+        x = torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32)).to(self.device)
+        if not bool(torch.isfinite(x).all()):
+            raise ModelError(f"{info.name}: the volume holds non-finite values.")
+        if image_input:
+            x = x[0]
+        spacing = volume.spacing_mm
+        back = None
+        if pre.axcodes is not None:
+            current = orientations.io_orientation(volume.ras_affine)
+            target = orientations.axcodes2ornt(tuple(pre.axcodes), labels=_RAS_LABELS)
+            to_net = orientations.ornt_transform(current, target)
+            x = _apply_orientation(x, to_net)
+            net_spacing = [0.0, 0.0, 0.0]
+            for axis, (new_axis, _) in enumerate(to_net):
+                net_spacing[int(new_axis)] = volume.spacing_mm[axis]
+            spacing = (net_spacing[0], net_spacing[1], net_spacing[2])
+            back = orientations.ornt_transform(target, current)
+        x = x[None, None]
+        grid_shape = tuple(x.shape[2:])
+        if pre.spacing_mm is not None:
+            size = [
+                max(1, round(n * s / t))
+                for n, s, t in zip(x.shape[2:], spacing, pre.spacing_mm, strict=True)
+            ]
+            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+        if pre.intensity is not None:
+            w = pre.intensity
+            if w.clip:
+                x = x.clamp(w.a_min, w.a_max)
+            x = (x - w.a_min) * ((w.b_max - w.b_min) / (w.a_max - w.a_min)) + w.b_min
+        if pre.normalize == "zscore":
+            std = float(x.std())
+            x = (x - x.mean()) / (std if std > 0 else 1.0)
+        elif pre.normalize == "minmax":
+            low, high = float(x.min()), float(x.max())
+            x = (x - low) / (high - low) if high > low else x - low
+        if pre.input_size is not None:
+            mode = "bilinear" if image_input else "trilinear"
+            x = F.interpolate(x, size=list(pre.input_size), mode=mode, align_corners=False)
+        return x.contiguous(), back, grid_shape
+
+    # --- segmentation ------------------------------------------------------------------
+
+    def sliding_window(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for the whole input: windows on the device, stitched on the device, or
+        in host memory when the device runs out of memory."""
+        import torch
+        from monai.inferers import sliding_window_inference
+
+        info = self.info
+        assert info.roi_size is not None  # checked by the readers for segmentation models
+        cpu = torch.device("cpu")
+        stitch_devices = [self.device] if self.device == cpu else [self.device, cpu]
+        for attempt, stitch_device in enumerate(stitch_devices):
+            try:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = sliding_window_inference(
+                        x,
+                        info.roi_size,
+                        self.sw_batch_size,
+                        self.net,
+                        overlap=info.overlap,
+                        sw_device=self.device,
+                        device=stitch_device,
+                    )
+                return torch.as_tensor(logits)
+            except torch.OutOfMemoryError:
+                if attempt == len(stitch_devices) - 1:
+                    raise
+                logger.warning(
+                    "%s: %s ran out of memory stitching a %s volume; stitching in host memory",
+                    info.name,
+                    self.device,
+                    tuple(x.shape[2:]),
+                )
+                torch.cuda.empty_cache()
+        raise AssertionError("unreachable")
+
+    def segment(self, volume: Volume) -> npt.NDArray[np.uint8]:
+        """uint8 label map on the volume's grid: channel ``c`` of the output is value ``c``."""
+        import torch
+        import torch.nn.functional as F
+
+        with self.lock, torch.inference_mode():
+            x, back, grid_shape = self.to_network_input(volume)
+            logits = self.sliding_window(x)
+            del x
+            if tuple(logits.shape[2:]) != grid_shape:
+                logits = F.interpolate(
+                    logits.float(), size=list(grid_shape), mode="trilinear", align_corners=False
+                )
+            labels = argmax_channels(logits[0])
+            del logits
+            if back is not None:
+                labels = _apply_orientation(labels, back)
+            return np.ascontiguousarray(labels.cpu().numpy(), dtype=np.uint8)
+
+    # --- classification ----------------------------------------------------------------
+
+    def classify(self, volume: Volume) -> tuple[float, ...]:
+        """One probability per class, by the spec's activation."""
+        import torch
+
+        info = self.info
+        with self.lock, torch.inference_mode():
+            x, _, _ = self.to_network_input(volume)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                output = self.net(x)
+            scores = torch.as_tensor(output).float().reshape(-1)
+            if scores.numel() != len(info.classes):
+                raise RuntimeError(
+                    f"{info.name} returned {scores.numel()} outputs; {info.path} declares "
+                    f"{len(info.classes)} classes"
+                )
+            if info.spec.activation == "softmax":
+                probabilities = torch.softmax(scores, dim=0)
+            else:
+                probabilities = torch.sigmoid(scores)
+            return tuple(float(p) for p in probabilities.cpu())
+
+
+class _NetworkModel:
+    """What both kinds of network model share: the folder and the runner."""
+
+    model_dir: ClassVar[Path]
+    _runner: NetworkRunner
+
+    @classmethod
+    def missing_requirements(cls) -> str | None:
+        """The first problem :func:`read_network` finds in this folder, or None."""
+        try:
+            read_network(cls.model_dir)
+        except ModelSpecError as e:
+            return str(e)
+        return None
+
+    def __init__(self) -> None:
+        self._runner = NetworkRunner(read_network(self.model_dir))
+
+    @property
+    def runner(self) -> NetworkRunner:
+        return self._runner
+
+
+class NetworkSegmentationModel(_NetworkModel, SegmentationModel):
+    """A segmentation network; :func:`network_model_class` makes one subclass per folder."""
+
+    def predict(self, volume: Volume) -> npt.NDArray[np.uint8]:
+        """Label map with ``volume.voxels.shape`` (see :meth:`NetworkRunner.segment`)."""
+        labels = self._runner.segment(volume)
+        logger.info(
+            "%s: %s",
+            self.name,
+            ", ".join(
+                f"{spec.name} {float(np.count_nonzero(labels == spec.value)) * volume.voxel_volume_ml:.1f} mL"
+                for spec in self.labels
+            ),
+        )
+        return labels
+
+
+class NetworkClassificationModel(_NetworkModel, ClassificationModel):
+    """A classification network; :func:`network_model_class` makes one subclass per folder."""
+
+    def predict(self, volume: Volume) -> tuple[float, ...]:
+        """One probability per class (see :meth:`NetworkRunner.classify`)."""
+        probabilities = self._runner.classify(volume)
+        logger.info(
+            "%s: %s",
+            self.name,
+            ", ".join(
+                f"{c.name} {p:.3f}" for c, p in zip(self.classes, probabilities, strict=True)
+            ),
+        )
+        return probabilities
+
+
+def network_model_class(path: Path) -> type[NetworkSegmentationModel | NetworkClassificationModel]:
+    """A model class for the folder at ``path``, named after the folder.
+
+    The class is made even when the folder is broken (so ``pacsnode check-config`` can
+    report it through ``missing_requirements``); creating an instance then raises.
+    """
+    path = Path(path).resolve()
+    class_name = "Network_" + "".join(c if c.isalnum() else "_" for c in path.name)
+    attributes: dict[str, Any] = {
+        "model_dir": path,
+        "name": path.name,
+        "__module__": __name__,
+        "__qualname__": class_name,
+    }
+    base: type[NetworkSegmentationModel | NetworkClassificationModel] = NetworkSegmentationModel
+    try:
+        info = read_network(path)
+    except ModelSpecError as e:
+        logger.warning("model folder %s cannot be used: %s", path.name, e)
+        attributes.update(version="unknown", labels=(), description=f"broken model: {e}")
+    else:
+        spec = info.spec
+        attributes.update(
+            version=info.version,
+            queue=spec.queue,
+            accepts=spec.accepts.to_accepts(),
+            input_kind=spec.input,
+            description=info.description,
+        )
+        if info.task == "classification":
+            base = NetworkClassificationModel
+            attributes.update(classes=info.classes, threshold=spec.threshold)
+        else:
+            attributes.update(labels=info.labels)
+    return type(class_name, (base,), attributes)
+
+
+_CLASSES: dict[Path, type[NetworkSegmentationModel | NetworkClassificationModel]] = {}
+
+
+def discover_network_models(
+    folder: Path = BUNDLES_DIR,
+) -> list[type[NetworkSegmentationModel | NetworkClassificationModel]]:
+    """One class per model folder in ``folder`` (a bundle, or a folder with a
+    ``pacsnode.yaml``), made once per process and path."""
+    if not folder.is_dir():
+        return []
+    classes = []
+    for path in sorted(p.resolve() for p in folder.iterdir() if p.is_dir()):
+        if not (is_bundle(path) or is_torchscript_model(path)):
+            continue
+        if path not in _CLASSES:
+            _CLASSES[path] = network_model_class(path)
+        classes.append(_CLASSES[path])
+    return classes
