@@ -146,6 +146,35 @@ def _cmd_retry(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_render(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.dispatch import results_dir, series_dir
+    from node.state import StateDB
+    from workers.render import RenderError, render_job
+
+    db = StateDB(config.node.data_dir / "state.db")
+    job = db.job(args.job)
+    db.close()
+    if job is None:
+        sys.stderr.write(f"cannot render: there is no job {args.job}\n")
+        return EXIT_FAILED
+    try:
+        files = render_job(
+            series_dir(config.node.data_dir, job),
+            results_dir(config.node.data_dir, job.id),
+            args.out,
+            config.results.notice,
+        )
+    except RenderError as exc:
+        sys.stderr.write(f"cannot render job {job.id}: {exc}\n")
+        return EXIT_FAILED
+    for path in files:
+        _out(str(path))
+    return EXIT_OK
+
+
 def _cmd_echo(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
@@ -190,6 +219,10 @@ def _parser() -> argparse.ArgumentParser:
     retry = with_config("retry", "run a failed job again")
     retry.add_argument("job", type=int)
     retry.set_defaults(handler=_cmd_retry)
+    render = with_config("render", "write a job's overlay key images as PNG files")
+    render.add_argument("job", type=int)
+    render.add_argument("--out", type=Path, required=True, help="folder for the PNG files")
+    render.set_defaults(handler=_cmd_render)
     echo = with_config("echo", "C-ECHO a configured destination")
     echo.add_argument("destination")
     echo.set_defaults(handler=_cmd_echo)

@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from workers.outputs import OutputProfile
+
 __all__ = [
     "AETitle",
     "Completion",
@@ -34,6 +36,7 @@ __all__ = [
     "MatchCondition",
     "NodeSettings",
     "Peer",
+    "ResultSettings",
     "Rule",
     "WorkerSettings",
     "load_config",
@@ -91,12 +94,40 @@ class Peer(_Frozen):
         return value
 
 
-class Destination(_Frozen):
-    """A DICOM node we send results to by C-STORE."""
+class Destination(OutputProfile):
+    """A DICOM node we send results to by C-STORE, and what it receives
+    (:class:`workers.outputs.OutputProfile`: seg, omit_empty_frames, send_empty_seg, sr,
+    overlays)."""
 
     ae_title: AETitle
     host: str
     port: Port
+
+
+class ResultSettings(_Frozen):
+    """What every result object shares.
+
+    ``series_description`` may use ``{model}`` (the model name) and ``{kind}`` (SEG, SR
+    or Overlay); ``notice`` (e.g. NOT FOR CLINICAL USE) is appended to every result's
+    series description and burned into overlay images; empty for none.
+    """
+
+    series_description: str = Field(default="{model} {kind}", min_length=1)
+    notice: str = Field(default="NOT FOR CLINICAL USE", max_length=40)
+    seg_series_number: int = Field(default=901, ge=1)
+    sr_series_number: int = Field(default=902, ge=1)
+    overlay_series_number: int = Field(default=903, ge=1)
+
+    @field_validator("series_description")
+    @classmethod
+    def _placeholders(cls, value: str) -> str:
+        try:
+            value.format(model="m", kind="k")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"series_description may use only {{model}} and {{kind}}. Found {value!r}."
+            ) from exc
+        return value
 
 
 class Completion(_Frozen):
@@ -209,6 +240,7 @@ class Config(_Frozen):
     peers: list[Peer] = Field(default_factory=list)
     accept_unknown_peers: bool = False
     destinations: dict[str, Destination] = Field(default_factory=dict)
+    results: ResultSettings = Field(default_factory=ResultSettings)
     completion: Completion = Field(default_factory=Completion)
     rules: list[Rule] = Field(default_factory=list)
     broker: str = "embedded"

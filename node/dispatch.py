@@ -17,6 +17,7 @@ from celery.result import AsyncResult
 from models.registry import get_model_class
 from node.config import Config
 from node.state import Job, JobStateValues, StateDB
+from workers.outputs import OutputProfile, OutputRequest
 from workers.tasks import RUN_MODEL
 
 __all__ = ["Dispatcher", "results_dir"]
@@ -27,6 +28,11 @@ logger = logging.getLogger(__name__)
 def results_dir(data_dir: Path, job_id: int) -> Path:
     """Where a job's worker writes its output files."""
     return data_dir / "results" / f"job-{job_id}"
+
+
+def series_dir(data_dir: Path, job: Job) -> Path:
+    """Where the spool keeps the instances of a job's series."""
+    return data_dir / "spool" / job.study_instance_uid / job.series_instance_uid
 
 
 class Dispatcher:
@@ -63,14 +69,15 @@ class Dispatcher:
             except KeyError as exc:
                 self.db.mark_job_failed(job.id, str(exc))
                 continue
-            series_dir = self._series_dir(job)
+            source = series_dir(self.config.node.data_dir, job)
             result = self.app.send_task(
                 RUN_MODEL,
                 kwargs={
                     "job_id": job.id,
                     "model": job.model,
-                    "series_dir": str(series_dir),
+                    "series_dir": str(source),
                     "output_dir": str(results_dir(self.config.node.data_dir, job.id)),
+                    "outputs": self._outputs(job).model_dump(mode="json"),
                 },
                 queue=queue,
             )
@@ -81,10 +88,18 @@ class Dispatcher:
             sent += 1
         return sent
 
-    def _series_dir(self, job: Job) -> Path:
-        return (
-            self.config.node.data_dir / "spool" / job.study_instance_uid / job.series_instance_uid
-        )
+    def _profiles(self, job: Job) -> dict[str, OutputProfile]:
+        """Each of the job's destinations with what it receives; a destination no longer
+        in config.yaml gets the default profile (the sender reports it as unknown)."""
+        return {
+            name: self.config.destinations.get(name, OutputProfile()) for name in job.destinations
+        }
+
+    def _outputs(self, job: Job) -> OutputRequest:
+        """What the worker writes: the union of the destinations' profiles (an SR and a
+        BINARY SEG when the job has no destination), with config.yaml ``results``."""
+        profiles = list(self._profiles(job).values()) or [OutputProfile()]
+        return OutputRequest.for_profiles(profiles, **self.config.results.model_dump())
 
     def collect(self) -> None:
         """Record the outcome of every queued or running job that has one."""
@@ -123,7 +138,12 @@ class Dispatcher:
             self.db.mark_job_failed(job.id, str(outcome.get("reason", "no reason given")))
             return
         files = [Path(path) for path in outcome["files"]]
-        if self.db.record_results(job.id, outcome, files):
+        empty = bool(outcome.get("empty", False))
+        deliveries = {
+            name: [path for path in files if profile.wants(path.name, empty_result=empty)]
+            for name, profile in self._profiles(job).items()
+        }
+        if self.db.record_results(job.id, outcome, deliveries):
             logger.info("job %d results ready", job.id, extra={"job_id": job.id})
 
     def requeue_unfinished(self, reason: str) -> int:

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -446,8 +446,11 @@ class StateDB:
         with self._transaction() as conn:
             self._set_job(conn, job_id, state=JobStateValues.PENDING, task_id=None, reason=reason)
 
-    def record_results(self, job_id: int, result: dict[str, Any], files: Sequence[Path]) -> bool:
-        """Store a job's results and queue one delivery per (file, destination).
+    def record_results(
+        self, job_id: int, result: dict[str, Any], deliveries: Mapping[str, Sequence[Path]]
+    ) -> bool:
+        """Store a job's results and queue one delivery per (destination, file) in
+        ``deliveries``; a job with nothing to deliver is delivered at once.
 
         Returns False (and changes nothing) if the job already has its results, which
         happens when a redelivered task finishes twice.
@@ -461,15 +464,16 @@ class StateDB:
                 JobStateValues.PENDING,
             ):
                 return False
-            destinations = json.loads(row["destinations"])
-            for destination in destinations:
-                for path in files:
+            queued = 0
+            for destination, paths in deliveries.items():
+                for path in paths:
                     conn.execute(
                         "INSERT OR IGNORE INTO deliveries (job_id, destination, path, state, "
                         "next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?)",
                         (job_id, destination, str(path), DeliveryStateValues.PENDING, now, now),
                     )
-            state = JobStateValues.RESULTS_READY if destinations else JobStateValues.DELIVERED
+                    queued += 1
+            state = JobStateValues.RESULTS_READY if queued else JobStateValues.DELIVERED
             self._set_job(conn, job_id, state=state, result=json.dumps(result), reason=None)
         return True
 

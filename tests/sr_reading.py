@@ -13,10 +13,12 @@ from pydicom import Dataset
 
 __all__ = [
     "iter_measurement_groups",
+    "read_absent",
     "read_findings",
     "read_means",
     "read_num",
     "read_referenced_segments",
+    "read_stds",
     "read_volumes_ml",
 ]
 
@@ -24,7 +26,10 @@ _MEASUREMENT_GROUP = ("125007", "DCM")
 _TRACKING_IDENTIFIER = ("112039", "DCM")
 _REFERENCED_SEGMENT = ("121191", "DCM")
 _VOLUME = ("118565006", "SCT")
-_MEAN_NAMES = {("112031", "DCM"), ("373098007", "SCT")}
+_ATTENUATION = ("112031", "DCM")
+_MEAN = ("373098007", "SCT")
+_STD = ("386136009", "SCT")
+_DERIVATION = ("121401", "DCM")
 _PROBABILITY = ("122157", "DCM")
 _FINDING = ("121071", "DCM")
 _PRESENT_ABSENT = {("52101004", "SCT"): "present", ("272519000", "SCT"): "absent"}
@@ -56,12 +61,25 @@ def iter_measurement_groups(sr: Dataset) -> Iterator[tuple[str, Dataset]]:
         yield names[0], item
 
 
-def read_num(group: Dataset, concepts: set[tuple[str, str]]) -> tuple[float, str]:
-    """(value, UCUM unit code) of the one NUM child of ``group`` named by ``concepts``."""
+def _derivation(item: Dataset) -> tuple[str, str] | None:
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == "CODE" and _concept(child) == _DERIVATION:
+            code = child.ConceptCodeSequence[0]
+            return (str(code.CodeValue), str(code.CodingSchemeDesignator))
+    return None
+
+
+def read_num(
+    group: Dataset, concepts: set[tuple[str, str]], derivation: tuple[str, str] | None = None
+) -> tuple[float, str]:
+    """(value, UCUM unit code) of the one NUM child of ``group`` named by ``concepts``
+    (and, when given, with that derivation modifier)."""
     found = [
         child
         for child in group.ContentSequence
-        if child.ValueType == "NUM" and _concept(child) in concepts
+        if child.ValueType == "NUM"
+        and _concept(child) in concepts
+        and (derivation is None or _derivation(child) == derivation)
     ]
     if len(found) != 1:
         raise AssertionError(f"expected one NUM of {concepts}, found {len(found)}")
@@ -80,6 +98,8 @@ def read_volumes_ml(sr: Dataset) -> dict[str, float]:
     """
     volumes = {}
     for name, group in iter_measurement_groups(sr):
+        if not _has_numbers(group):
+            continue  # a label the model did not find (qualitative "Absent" only)
         value, unit = read_num(group, {_VOLUME})
         if unit not in {"mL", "ml"}:
             raise AssertionError(f"volume of {name!r} has unit {unit!r}, not mL")
@@ -87,15 +107,59 @@ def read_volumes_ml(sr: Dataset) -> dict[str, float]:
     return volumes
 
 
+def _has_numbers(group: Dataset) -> bool:
+    return any(child.ValueType == "NUM" for child in group.ContentSequence)
+
+
+def _statistic(group: Dataset, statistic: tuple[str, str]) -> tuple[float, str]:
+    """CT: attenuation coefficient with the statistic as derivation; else named by it."""
+    try:
+        return read_num(group, {_ATTENUATION}, derivation=statistic)
+    except AssertionError:
+        return read_num(group, {statistic})
+
+
 def read_means(sr: Dataset) -> dict[str, tuple[float, str]]:
     """Segment name -> (mean value, UCUM unit code) from every measurement group."""
-    return {name: read_num(group, _MEAN_NAMES) for name, group in iter_measurement_groups(sr)}
+    return {
+        name: _statistic(group, _MEAN)
+        for name, group in iter_measurement_groups(sr)
+        if _has_numbers(group)
+    }
+
+
+def read_stds(sr: Dataset) -> dict[str, tuple[float, str]]:
+    """Segment name -> (standard deviation, UCUM unit code) from every measurement group."""
+    return {
+        name: _statistic(group, _STD)
+        for name, group in iter_measurement_groups(sr)
+        if _has_numbers(group)
+    }
+
+
+def read_absent(sr: Dataset) -> set[str]:
+    """Names of the groups that say their finding is Absent and hold no numbers."""
+    absent = set()
+    for name, group in iter_measurement_groups(sr):
+        values = [
+            (
+                str(c.ConceptCodeSequence[0].CodeValue),
+                str(c.ConceptCodeSequence[0].CodingSchemeDesignator),
+            )
+            for c in group.ContentSequence
+            if c.ValueType == "CODE" and "ConceptCodeSequence" in c
+        ]
+        if not _has_numbers(group) and ("272519000", "SCT") in values:
+            absent.add(name)
+    return absent
 
 
 def read_referenced_segments(sr: Dataset) -> dict[str, tuple[str, int]]:
     """Segment name -> (referenced SEG SOP instance UID, segment number)."""
     refs = {}
     for name, group in iter_measurement_groups(sr):
+        if not _has_numbers(group):
+            continue
         images = [
             child
             for child in group.ContentSequence

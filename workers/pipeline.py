@@ -15,18 +15,18 @@ import numpy as np
 
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.registry import get_model
+from workers.outputs import OVERLAY_PREFIX, SR_FILE, OutputRequest, SegVariant
+from workers.overlays import build_overlay_images, key_images
 from workers.seg import build_seg
+from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import SeriesError, load_images, load_series
 from workers.sr import build_classification_sr, build_sr
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
-__all__ = ["SEG_FILE", "SR_FILE", "run_job"]
+__all__ = ["run_job"]
 
 logger = logging.getLogger(__name__)
-
-SEG_FILE = "seg.dcm"
-SR_FILE = "sr.dcm"
 
 
 def _failed(job_id: int, reason: str) -> dict[str, Any]:
@@ -34,28 +34,40 @@ def _failed(job_id: int, reason: str) -> dict[str, Any]:
     return {"status": "failed", "reason": reason}
 
 
-def run_job(*, job_id: int, model_name: str, series_dir: Path, output_dir: Path) -> dict[str, Any]:
+def run_job(
+    *,
+    job_id: int,
+    model_name: str,
+    series_dir: Path,
+    output_dir: Path,
+    outputs: OutputRequest | None = None,
+) -> dict[str, Any]:
     """Run one job and describe the outcome as JSON-able data.
 
-    A problem with the input or the model's verdict on it (unreadable or inconsistent
-    series, unsuitable input, nothing found) is returned as ``{"status": "failed",
-    "reason": ...}`` for the node to record; anything unexpected is logged and raised.
+    ``outputs`` says which result files to write (SEG variants, SR, overlays) and the
+    settings they share; by default a BINARY SEG and an SR. A problem with the input
+    (unreadable or inconsistent series, unsuitable input) or a SEG that would be
+    misplaced is returned as ``{"status": "failed", "reason": ...}`` for the node to
+    record; anything unexpected is logged and raised. A model that finds nothing is a
+    result (``"empty": true``): the SR says so.
 
     Returns
     -------
     dict
-        ``{"status": "ok", "files": [...], "timings_s": {...}, ...}`` with the SEG's
-        ``measurements`` or the classifier's ``findings``, or the failure above.
+        ``{"status": "ok", "files": [...], "empty": bool, "timings_s": {...}, ...}``
+        with the SEG's ``measurements`` or the classifier's ``findings``, or the failure
+        above.
     """
+    request = outputs if outputs is not None else OutputRequest()
     started = time.perf_counter()
     paths = sorted(series_dir.glob("*.dcm"))
     if not paths:
         return _failed(job_id, f"no instances found in {series_dir}")
     model = get_model(model_name)
     if isinstance(model, ClassificationModel):
-        outcome = _classify(job_id, model, paths, output_dir)
+        outcome = _classify(job_id, model, paths, output_dir, request)
     elif isinstance(model, SegmentationModel):
-        outcome = _segment(job_id, model, paths, output_dir)
+        outcome = _segment(job_id, model, paths, output_dir, request)
     else:
         raise TypeError(f"model {model.name} is neither a segmentation nor a classification model")
     if outcome["status"] == "ok":
@@ -72,9 +84,13 @@ def run_job(*, job_id: int, model_name: str, series_dir: Path, output_dir: Path)
 
 
 def _segment(
-    job_id: int, model: SegmentationModel, paths: list[Path], output_dir: Path
+    job_id: int,
+    model: SegmentationModel,
+    paths: list[Path],
+    output_dir: Path,
+    request: OutputRequest,
 ) -> dict[str, Any]:
-    """Series -> label map -> SEG + SR."""
+    """Series -> label map -> the SEG variants, the SR and overlays the request names."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
     try:
@@ -94,22 +110,76 @@ def _segment(
             f"model {model.name} returned shape {label_map.shape} for a volume of "
             f"shape {series.volume.voxels.shape}"
         )
-    if not np.any(label_map):
-        return _failed(job_id, f"{model.name} found none of its labels in this series")
+    empty = not np.any(label_map)
+    if empty:
+        logger.info("job %d: %s found none of its labels", job_id, model.name)
 
     mark = time.perf_counter()
     uids = ResultUids.for_job(series.datasets[0].SeriesInstanceUID, model.name, model.version)
-    seg, segments = build_seg(series, label_map, model, uids)
-    sr, measurements = build_sr(series, label_map, model, seg, segments, uids)
     output_dir.mkdir(parents=True, exist_ok=True)
-    seg_path = output_dir / SEG_FILE
-    sr_path = output_dir / SR_FILE
-    write_dataset_atomic(seg, seg_path)
-    write_dataset_atomic(sr, sr_path)
+    files: list[Path] = []
+    # The SR references the first SEG written; with no SEG wanted, a BINARY one is built
+    # for the reference only.
+    variants = request.seg_variants or (SegVariant(seg_type="binary", omit_empty_frames=True),)
+    referenced = None
+    for variant in variants:
+        seg, segments = build_seg(
+            series,
+            label_map,
+            model,
+            uids,
+            seg_type=variant.seg_type,
+            omit_empty_frames=variant.omit_empty_frames,
+            series_number=request.seg_series_number,
+            series_description=request.describe(model.name, "SEG"),
+        )
+        if referenced is None:
+            referenced = (seg, segments)
+        if not request.seg_variants:
+            break
+        path = output_dir / variant.file_name
+        write_dataset_atomic(seg, path)
+        try:
+            check_seg_placement(path, series)
+        except SegPlacementError as exc:
+            path.unlink()
+            return _failed(job_id, f"{variant.file_name} not sent, it would be misplaced: {exc}")
+        files.append(path)
+    assert referenced is not None
+    seg, segments = referenced
+    sr, measurements = build_sr(
+        series,
+        label_map,
+        model,
+        seg,
+        segments,
+        uids,
+        series_number=request.sr_series_number,
+        series_description=request.describe(model.name, "SR"),
+    )
+    if request.sr:
+        write_dataset_atomic(sr, output_dir / SR_FILE)
+        files.append(output_dir / SR_FILE)
+    if request.overlays and not empty:
+        volumes = {m.label_value: m.volume_ml for m in measurements}
+        images = key_images(series, label_map, segments, volumes, request.notice)
+        overlays = build_overlay_images(
+            series,
+            images,
+            uids,
+            series_number=request.overlay_series_number,
+            series_description=request.describe(model.name, "Overlay"),
+            notice=request.notice,
+        )
+        for number, overlay in enumerate(overlays, start=1):
+            path = output_dir / f"{OVERLAY_PREFIX}{number:03d}.dcm"
+            write_dataset_atomic(overlay, path)
+            files.append(path)
     timings["results"] = time.perf_counter() - mark
     return {
         "status": "ok",
-        "files": [str(seg_path), str(sr_path)],
+        "files": [str(path) for path in files],
+        "empty": empty,
         "seg_sop_instance_uid": str(seg.SOPInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "measurements": [m.as_dict() for m in measurements],
@@ -118,7 +188,11 @@ def _segment(
 
 
 def _classify(
-    job_id: int, model: ClassificationModel, paths: list[Path], output_dir: Path
+    job_id: int,
+    model: ClassificationModel,
+    paths: list[Path],
+    output_dir: Path,
+    request: OutputRequest,
 ) -> dict[str, Any]:
     """Series (or each image of it) -> class probabilities -> SR."""
     timings: dict[str, float] = {}
@@ -151,7 +225,13 @@ def _classify(
     mark = time.perf_counter()
     first = sources[0].datasets[0]
     uids = ResultUids.for_job(first.SeriesInstanceUID, model.name, model.version)
-    sr, findings = build_classification_sr(results, model, uids)
+    sr, findings = build_classification_sr(
+        results,
+        model,
+        uids,
+        series_number=request.sr_series_number,
+        series_description=request.describe(model.name, "SR"),
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     sr_path = output_dir / SR_FILE
     write_dataset_atomic(sr, sr_path)
@@ -159,6 +239,7 @@ def _classify(
     return {
         "status": "ok",
         "files": [str(sr_path)],
+        "empty": False,
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "findings": [f.as_dict() for f in findings],
         "timings_s": timings,

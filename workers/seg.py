@@ -1,8 +1,10 @@
-"""Label map -> DICOM Segmentation (BINARY) referencing the source series.
+"""Label map -> DICOM Segmentation (BINARY or LABELMAP) referencing the source series.
 
-One segment per label present in the label map, numbered 1, 2, ... in label-value order.
-The segment descriptions come from the model's :class:`models.base.LabelSpec`s, the UIDs
-from :class:`workers.uids.ResultUids`, so re-running a job rebuilds the same object.
+One segment per label present in the label map, numbered 1, 2, ... in label-value order
+(when the model found nothing: one empty segment per label the model declares, so an
+empty result is still a valid SEG). The segment descriptions come from the model's
+:class:`models.base.LabelSpec`s, the UIDs from :class:`workers.uids.ResultUids`, so
+re-running a job rebuilds the same object.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -38,6 +41,13 @@ MANUFACTURER = "pacsnode"
 SEG_SERIES_NUMBER = 901
 
 _CS_FORBIDDEN = re.compile(r"[^A-Z0-9_ ]")
+# One SEG series per job; each encoding is its own instance in it.
+_VARIANT_INSTANCE_NUMBERS = {
+    "binary": 1,
+    "binary-all-frames": 2,
+    "labelmap": 3,
+    "labelmap-all-frames": 4,
+}
 
 
 @dataclass(frozen=True)
@@ -129,13 +139,15 @@ def _check_inputs(series: LoadedSeries, label_map: npt.NDArray[np.integer]) -> N
         raise ValueError("label_map must not hold negative values.")
 
 
-def _derive_dimension_organization_uid(seg: hd.seg.Segmentation, uids: ResultUids) -> None:
+def _derive_dimension_organization_uid(
+    seg: hd.seg.Segmentation, uids: ResultUids, variant: str
+) -> None:
     """Replace highdicom's random DimensionOrganizationUID by one derived from the job.
 
     highdicom draws a fresh UID per build; a re-run must write the same object, so every
     occurrence (the organization item and each dimension index) gets the derived UID.
     """
-    derived = uids.derive("dimension-organization")
+    derived = uids.derive("dimension-organization", *([] if variant == "binary" else [variant]))
     for item in seg.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = derived
     for item in seg.get("DimensionIndexSequence", []):
@@ -149,10 +161,13 @@ def build_seg(
     model: SegmentationModel,
     uids: ResultUids,
     *,
+    seg_type: Literal["binary", "labelmap"] = "binary",
+    omit_empty_frames: bool = True,
     series_number: int = SEG_SERIES_NUMBER,
+    series_description: str | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.seg.Segmentation, list[SegmentInfo]]:
-    """Build a BINARY Segmentation of ``label_map`` on ``series``.
+    """Build a Segmentation of ``label_map`` on ``series``.
 
     Parameters
     ----------
@@ -165,8 +180,16 @@ def build_seg(
         The model that produced ``label_map``; it names and codes the segments.
     uids
         The job's result UIDs (SEG series and instance UIDs, segment tracking UIDs).
+    seg_type
+        ``binary`` (one frame per segment and slice) or ``labelmap`` (one frame per
+        slice holding segment numbers; DICOM's label-map segmentation).
+    omit_empty_frames
+        Leave out frames in which the segment (or, for a label map, every segment) is
+        absent. Every frame is kept when the whole label map is empty.
     series_number
         SeriesNumber of the SEG series.
+    series_description
+        SeriesDescription; "pacsnode <model> SEG" when None.
     device_serial_number
         DeviceSerialNumber written in the equipment module (e.g. the node's name).
 
@@ -180,16 +203,11 @@ def build_seg(
     TypeError
         If ``label_map`` is not an integer numpy array.
     ValueError
-        If ``label_map`` does not match the series, holds values the model does not
-        declare, or holds no label at all.
+        If ``label_map`` does not match the series or holds values the model does not
+        declare.
     """
     _check_inputs(series, label_map)
-    specs = present_labels(label_map, model)
-    if not specs:
-        raise ValueError(
-            f"label map of model {model.name!r} holds no label (all background); "
-            "there is no segment to write."
-        )
+    specs = present_labels(label_map, model) or sorted(model.labels, key=lambda spec: spec.value)
     algorithm = algorithm_identification(model)
     segments = [
         SegmentInfo(
@@ -215,35 +233,50 @@ def build_seg(
     ]
 
     # Label values -> consecutive segment numbers (label-map style array for highdicom).
-    lut = np.zeros(int(label_map.max()) + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16)
+    lut = np.zeros(
+        int(label_map.max(initial=0)) + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16
+    )
     for info in segments:
-        lut[info.label_value] = info.segment_number
+        if info.label_value < lut.size:
+            lut[info.label_value] = info.segment_number
     pixel_array = lut[label_map]
 
+    canonical = seg_type == "binary" and omit_empty_frames
+    variant = f"{seg_type}{'' if omit_empty_frames else '-all-frames'}"
     seg = hd.seg.Segmentation(
         source_images=list(series.datasets),
         pixel_array=pixel_array,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segmentation_type=(
+            hd.seg.SegmentationTypeValues.BINARY
+            if seg_type == "binary"
+            else hd.seg.SegmentationTypeValues.LABELMAP
+        ),
         segment_descriptions=descriptions,
         series_instance_uid=uids.seg_series_instance_uid,
         series_number=series_number,
-        sop_instance_uid=uids.seg_sop_instance_uid,
-        instance_number=1,
+        sop_instance_uid=(
+            uids.seg_sop_instance_uid if canonical else uids.derive("seg-instance", variant)
+        ),
+        instance_number=1
+        if canonical
+        else 2 + ["binary-all-frames", "labelmap", "labelmap-all-frames"].index(variant),
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),
         device_serial_number=device_serial_number,
         content_description=f"{model.name} {model.version}"[:64],
         content_label=_content_label(model),
-        series_description=f"{MANUFACTURER} {model.name} SEG"[:64],
-        omit_empty_frames=True,
+        series_description=(series_description or f"{MANUFACTURER} {model.name} SEG")[:64],
+        omit_empty_frames=omit_empty_frames and bool(np.any(pixel_array)),
     )
-    _derive_dimension_organization_uid(seg, uids)
+    _derive_dimension_organization_uid(seg, uids, variant)
     logger.info(
-        "built SEG with %d segments for model %s %s",
+        "built %s SEG with %d segments, %d frames for model %s %s",
+        variant,
         len(segments),
+        int(seg.NumberOfFrames),
         model.name,
         model.version,
-        extra={"sop_instance_uid": str(uids.seg_sop_instance_uid)},
+        extra={"sop_instance_uid": str(seg.SOPInstanceUID)},
     )
     return seg, segments

@@ -60,6 +60,7 @@ VOLUME_CONCEPT = codes.SCT.Volume  # SCT 118565006
 VOLUME_UNIT = PydicomCode("mL", "UCUM", "milliliter")
 MEAN_CT_CONCEPT = codes.DCM.AttenuationCoefficient  # DCM 112031, unit [hnsf'U]
 MEAN_CONCEPT = codes.SCT.Mean  # SCT 373098007, for modalities without a standard unit
+STD_CONCEPT = codes.SCT.StandardDeviation  # SCT 386136009
 PROBABILITY_CONCEPT = codes.DCM.Probability  # DCM 122157
 PRESENT = codes.SCT.Present  # SCT 52101004
 ABSENT = codes.SCT.Absent  # SCT 272519000
@@ -71,7 +72,8 @@ _SLAB_SLICES = 16
 class SegmentMeasurement:
     """The numbers the SR reports for one segment.
 
-    ``mean`` is the mean rescaled voxel value inside the segment (HU for CT).
+    ``mean`` and ``std`` (population standard deviation) are of the rescaled voxel values
+    inside the segment (HU for CT).
     """
 
     label_value: int
@@ -80,6 +82,7 @@ class SegmentMeasurement:
     voxel_count: int
     volume_ml: float
     mean: float
+    std: float
 
     def as_dict(self) -> dict[str, int | float | str]:
         """The fields as a JSON-serialisable dict (for the Celery result)."""
@@ -138,13 +141,14 @@ def measure_segments(
     size = int(label_map.max(initial=0)) + 1
     counts = np.zeros(size, dtype=np.int64)
     sums = np.zeros(size, dtype=np.float64)
+    squares = np.zeros(size, dtype=np.float64)
     # In slabs, so the float64 weights bincount needs stay small for large volumes.
     for start in range(0, voxels.shape[0], _SLAB_SLICES):
         labels = label_map[start : start + _SLAB_SLICES].ravel()
+        values = voxels[start : start + _SLAB_SLICES].ravel().astype(np.float64)
         counts += np.bincount(labels, minlength=size)
-        sums += np.bincount(
-            labels, weights=voxels[start : start + _SLAB_SLICES].ravel(), minlength=size
-        )
+        sums += np.bincount(labels, weights=values, minlength=size)
+        squares += np.bincount(labels, weights=values * values, minlength=size)
     voxel_ml = series.volume.voxel_volume_ml
     result = []
     for info in segments:
@@ -163,28 +167,33 @@ def measure_segments(
                 voxel_count=count,
                 volume_ml=count * voxel_ml,
                 mean=float(sums[value]) / count,
+                std=float(np.sqrt(max(0.0, squares[value] / count - (sums[value] / count) ** 2))),
             )
         )
     return result
 
 
-def _mean_measurement(
-    modality: str, mean: float, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.Measurement:
-    if modality.upper() == "CT":
-        return hd.sr.Measurement(
-            name=MEAN_CT_CONCEPT,
-            value=mean,
-            unit=codes.UCUM.HounsfieldUnit,
-            derivation=codes.SCT.Mean,
-            algorithm_id=algorithm,
-        )
-    return hd.sr.Measurement(
-        name=MEAN_CONCEPT,
-        value=mean,
-        unit=codes.UCUM.NoUnits,
-        algorithm_id=algorithm,
-    )
+def _statistics(
+    modality: str, numbers: SegmentMeasurement, algorithm: hd.sr.AlgorithmIdentification
+) -> list[hd.sr.Measurement]:
+    """Mean and standard deviation: for CT as attenuation coefficient (HU) with the
+    statistic as derivation; otherwise named by the statistic, without unit."""
+    measurements = []
+    for statistic, value in ((codes.SCT.Mean, numbers.mean), (STD_CONCEPT, numbers.std)):
+        if modality.upper() == "CT":
+            measurement = hd.sr.Measurement(
+                name=MEAN_CT_CONCEPT,
+                value=value,
+                unit=codes.UCUM.HounsfieldUnit,
+                derivation=statistic,
+                algorithm_id=algorithm,
+            )
+        else:
+            measurement = hd.sr.Measurement(
+                name=statistic, value=value, unit=codes.UCUM.NoUnits, algorithm_id=algorithm
+            )
+        measurements.append(measurement)
+    return measurements
 
 
 def _algorithm(model: Model) -> hd.sr.AlgorithmIdentification:
@@ -206,6 +215,7 @@ def _report(
     uids: ResultUids,
     series_number: int,
     device_serial_number: str,
+    series_description: str | None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document: ``model`` as the observer device, ``groups`` as its content."""
     observer = hd.sr.ObserverContext(
@@ -231,7 +241,7 @@ def _report(
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
-        series_description=f"{MANUFACTURER} {model.name} SR"[:64],
+        series_description=(series_description or f"{MANUFACTURER} {model.name} SR")[:64],
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),
         device_serial_number=device_serial_number,
@@ -255,6 +265,7 @@ def build_sr(
     uids: ResultUids,
     *,
     series_number: int = SR_SERIES_NUMBER,
+    series_description: str | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
     """Build the TID 1500 Measurement Report for the segments of ``seg``.
@@ -287,25 +298,27 @@ def build_sr(
     Raises
     ------
     ValueError
-        If there are no segments, the segments do not match the labels present in
-        ``label_map``, or ``label_map`` does not match the series.
+        If the segments do not cover the labels present in ``label_map``, or
+        ``label_map`` does not match the series.
     """
-    if not segments:
-        raise ValueError("segments is empty; there is nothing to measure.")
     present = [spec.value for spec in present_labels(label_map, model)]
     listed = [info.label_value for info in segments]
-    if sorted(listed) != present:
+    if not set(present) <= set(listed):
         raise ValueError(
             f"segments cover labels {listed} but label_map holds labels {present}; pass "
             "the segments build_seg returned for this label map."
         )
-    measurements = measure_segments(series, label_map, segments)
+    found = [info for info in segments if info.label_value in present]
+    measurements = measure_segments(series, label_map, found)
     algorithm = _algorithm(model)
     source_series = hd.sr.SourceSeriesForSegmentation(series.datasets[0].SeriesInstanceUID)
     modality = series.volume.modality or str(series.datasets[0].get("Modality", ""))
 
-    groups = []
-    for info, numbers in zip(segments, measurements, strict=True):
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
+    for info, numbers in zip(found, measurements, strict=True):
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -327,12 +340,36 @@ def build_sr(
                         unit=VOLUME_UNIT,
                         algorithm_id=algorithm,
                     ),
-                    _mean_measurement(modality, numbers.mean, algorithm),
+                    *_statistics(modality, numbers, algorithm),
                 ],
             )
         )
+    # What the model looks for and did not find is said too: "no findings" is a result.
+    for spec in sorted(model.labels, key=lambda label: label.value):
+        if spec.value in present:
+            continue
+        finding = to_pydicom_code(spec.property_type)
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=uids.derive("absent", str(spec.value)), identifier=spec.name
+                ),
+                finding_type=finding,
+                finding_category=to_pydicom_code(spec.category),
+                algorithm_id=algorithm,
+                qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=finding, value=ABSENT)],
+            )
+        )
 
-    sr = _report(model, groups, [*series.datasets, seg], uids, series_number, device_serial_number)
+    sr = _report(
+        model,
+        groups,
+        [*series.datasets, seg],
+        uids,
+        series_number,
+        device_serial_number,
+        series_description,
+    )
     return sr, measurements
 
 
@@ -342,6 +379,7 @@ def build_classification_sr(
     uids: ResultUids,
     *,
     series_number: int = SR_SERIES_NUMBER,
+    series_description: str | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.sr.Comprehensive3DSR, list[ClassFinding]]:
     """Build the TID 1500 Measurement Report of a classification.
@@ -429,5 +467,7 @@ def build_classification_sr(
                 )
             )
     evidence = [ds for source, _ in results for ds in source.datasets]
-    sr = _report(model, groups, evidence, uids, series_number, device_serial_number)
+    sr = _report(
+        model, groups, evidence, uids, series_number, device_serial_number, series_description
+    )
     return sr, findings

@@ -20,7 +20,14 @@ from pydicom.uid import UID
 
 from models.base import Code, LabelSpec, SegmentationModel, Volume
 from tests.dicom_factory import write_ct_series
-from tests.sr_reading import read_means, read_referenced_segments, read_volumes_ml
+from tests.peers import dciodvfy_errors
+from tests.sr_reading import (
+    read_absent,
+    read_means,
+    read_referenced_segments,
+    read_stds,
+    read_volumes_ml,
+)
 from workers.seg import SegmentInfo, build_seg
 from workers.series import LoadedSeries, load_series
 from workers.sr import SegmentMeasurement, build_sr
@@ -232,11 +239,24 @@ def test_seg_references_source_series(
         assert position == pytest.approx([float(v) for v in ds.ImagePositionPatient])
 
 
-def test_seg_rejects_empty_label_map(
-    series: LoadedSeries, model: FakeOrgans, uids: ResultUids
+def test_empty_result_is_a_valid_seg_and_an_sr_of_absent_findings(
+    tmp_path: Path, series: LoadedSeries, model: FakeOrgans, uids: ResultUids
 ) -> None:
-    with pytest.raises(ValueError, match="holds no label"):
-        build_seg(series, np.zeros(SHAPE, dtype=np.uint8), model, uids)
+    """The model found nothing: every declared label is an empty segment, all frames kept,
+    and the SR says each finding is absent; both pass dciodvfy."""
+    empty = np.zeros(SHAPE, dtype=np.uint8)
+    seg, segments, sr, numbers = build_all(series, empty, model, uids)
+    assert [(i.segment_number, i.name) for i in segments] == [
+        (1, "Liver"), (2, "Spleen"), (3, "Kidney"),
+    ]  # fmt: skip
+    assert int(seg.NumberOfFrames) == 3 * SHAPE[0]
+    assert not hd.seg.Segmentation.from_dataset(write_and_read(seg)).pixel_array.any()
+    assert numbers == []
+    read = write_and_read(sr)
+    assert read_volumes_ml(read) == {}
+    assert read_absent(read) == {"Liver", "Spleen", "Kidney"}
+    for name, ds in (("seg.dcm", seg), ("sr.dcm", sr)):
+        assert dciodvfy_errors(write_dataset_atomic(ds, tmp_path / name)) == []
 
 
 def test_seg_rejects_undeclared_label(
@@ -280,15 +300,20 @@ def test_sr_measures_every_segment(
         assert n.mean == pytest.approx(float(np.mean(voxels[mask], dtype=np.float64)))
         assert json.loads(json.dumps(n.as_dict()))["volume_ml"] == n.volume_ml
 
+        assert n.std == pytest.approx(float(np.std(voxels[mask], dtype=np.float64)))
+
     read = write_and_read(sr)
     volumes = read_volumes_ml(read)
     means = read_means(read)
+    stds = read_stds(read)
     assert set(volumes) == {"Liver", "Kidney"}
     for n in numbers:
         assert volumes[n.name] == pytest.approx(n.volume_ml, rel=1e-9)
         mean, unit = means[n.name]
         assert mean == pytest.approx(n.mean, rel=1e-9)
         assert unit == "[hnsf'U]"
+        assert stds[n.name] == (pytest.approx(n.std, rel=1e-9), "[hnsf'U]")
+    assert read_absent(read) == {"Spleen"}  # declared, not found
     assert read_referenced_segments(read) == {
         info.name: (seg.SOPInstanceUID, info.segment_number) for info in segments
     }
@@ -370,10 +395,10 @@ def test_sr_rejects_segments_of_another_label_map(
     model: FakeOrgans,
     uids: ResultUids,
 ) -> None:
-    seg, segments = build_seg(series, label_map, model, uids)
     other = np.where(label_map == 3, 0, label_map).astype(np.uint8)
+    seg, segments = build_seg(series, other, model, uids)
     with pytest.raises(ValueError, match="segments cover labels"):
-        build_sr(series, other, model, seg, segments, uids)
+        build_sr(series, label_map, model, seg, segments, uids)
 
 
 # --- determinism, files, dciodvfy ------------------------------------------------------
@@ -459,3 +484,81 @@ def test_dciodvfy_accepts_seg_and_sr(
         output = result.stdout + result.stderr
         errors = [line for line in output.splitlines() if line.startswith("Error")]
         assert not errors, f"dciodvfy {name}:\n{output}"
+
+
+# --- SEG encodings and the placement check ----------------------------------------------
+
+
+@pytest.mark.parametrize("omit_empty_frames", [True, False])
+def test_labelmap_seg_reads_back_as_the_label_map(
+    tmp_path: Path,
+    series: LoadedSeries,
+    label_map: npt.NDArray[np.uint8],
+    model: FakeOrgans,
+    uids: ResultUids,
+    omit_empty_frames: bool,
+) -> None:
+    """LABELMAP: one frame per slice (non-empty slices only when omitting), segment numbers
+    as pixel values; highdicom reads back the label map; dciodvfy (Debian 12's predates
+    the IOD) reports exactly its two known false errors."""
+    seg, segments = build_seg(
+        series, label_map, model, uids, seg_type="labelmap", omit_empty_frames=omit_empty_frames
+    )
+    path = write_dataset_atomic(seg, tmp_path / "labelmap.dcm")
+    read = hd.seg.segread(path)
+    assert read.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
+    assert int(read.NumberOfFrames) == (4 if omit_empty_frames else SHAPE[0])
+    assert seg.SOPInstanceUID != uids.seg_sop_instance_uid  # its own instance, same series
+    assert seg.SeriesInstanceUID == uids.seg_series_instance_uid
+    number_of = {info.label_value: info.segment_number for info in segments}
+    expected = np.zeros(SHAPE, dtype=np.uint8)
+    for value, number in number_of.items():
+        expected[label_map == value] = number
+    uids_in_order = [ds.SOPInstanceUID for ds in series.datasets]
+    pixels = read.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids_in_order,
+        ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,
+        combine_segments=True,
+    )
+    np.testing.assert_array_equal(pixels, expected)
+    errors = dciodvfy_errors(path)
+    assert len(errors) == 2, errors
+    assert any("Information Object Not found" in e for e in errors), errors
+    assert any("SegmentNumber" in e and "0" in e for e in errors), errors
+
+
+def test_binary_seg_with_all_frames(
+    series: LoadedSeries, label_map: npt.NDArray[np.uint8], model: FakeOrgans, uids: ResultUids
+) -> None:
+    seg, segments = build_seg(series, label_map, model, uids, omit_empty_frames=False)
+    assert int(seg.NumberOfFrames) == len(segments) * SHAPE[0]
+
+
+def test_placement_check_passes_and_catches_a_shifted_frame(
+    tmp_path: Path,
+    series: LoadedSeries,
+    label_map: npt.NDArray[np.uint8],
+    model: FakeOrgans,
+    uids: ResultUids,
+) -> None:
+    from workers.seg_check import SegPlacementError, check_seg_placement
+
+    seg, _ = build_seg(series, label_map, model, uids)
+    path = write_dataset_atomic(seg, tmp_path / "seg.dcm")
+    check_seg_placement(path, series)
+
+    shifted = dcmread(path)
+    position = shifted.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0]
+    position.ImagePositionPatient = [
+        float(v) + (1.0 if i == 2 else 0.0) for i, v in enumerate(position.ImagePositionPatient)
+    ]
+    shifted.save_as(tmp_path / "shifted.dcm")
+    with pytest.raises(SegPlacementError, match=r"frame 3 is at .* 1\.000 mm from its source"):
+        check_seg_placement(tmp_path / "shifted.dcm", series)
+
+    other_frame = dcmread(path)
+    other_frame.FrameOfReferenceUID = derive_uid("another", "frame")
+    other_frame.save_as(tmp_path / "frame.dcm")
+    with pytest.raises(SegPlacementError, match=r"FrameOfReferenceUID .* is not the source's"):
+        check_seg_placement(tmp_path / "frame.dcm", series)

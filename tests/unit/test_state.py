@@ -90,15 +90,15 @@ def test_job_lifecycle_to_delivered(db: StateDB) -> None:
     job_id = _job(db, ["a", "b"])
     db.mark_job_queued(job_id, "task-1")
     db.mark_job_running(job_id)
-    files = [Path("/r/seg.dcm"), Path("/r/sr.dcm")]
+    files = {"a": [Path("/r/seg-binary.dcm"), Path("/r/sr.dcm")], "b": [Path("/r/sr.dcm")]}
     assert db.record_results(job_id, {"status": "ok"}, files)
     assert not db.record_results(job_id, {"status": "ok"}, files)  # a redelivered task
     deliveries = db.due_deliveries(now=10**10)
     assert sorted((d.destination, d.path.name) for d in deliveries) == [
-        ("a", "seg.dcm"), ("a", "sr.dcm"), ("b", "seg.dcm"), ("b", "sr.dcm"),
+        ("a", "seg-binary.dcm"), ("a", "sr.dcm"), ("b", "sr.dcm"),
     ]  # fmt: skip
     db.postpone_delivery(deliveries[0].id, next_attempt_at=10**11, reason="refused")
-    assert len(db.due_deliveries(now=10**10)) == 3
+    assert len(db.due_deliveries(now=10**10)) == 2
     for delivery in deliveries:
         db.mark_delivery_done(delivery.id)
         job = db.job(job_id)
@@ -112,7 +112,7 @@ def test_job_lifecycle_to_delivered(db: StateDB) -> None:
 def test_failed_delivery_fails_the_job_with_reason_and_retry_resets(db: StateDB) -> None:
     job_id = _job(db, ["pacs"])
     db.mark_job_queued(job_id, "task-1")
-    db.record_results(job_id, {"status": "ok"}, [Path("/r/seg.dcm")])
+    db.record_results(job_id, {"status": "ok"}, {"pacs": [Path("/r/seg.dcm")]})
     (delivery,) = db.deliveries(job_id)
     db.mark_delivery_failed(delivery.id, "association permanently rejected")
     job = db.job(job_id)
@@ -138,7 +138,7 @@ def test_retry_refuses_unknown_and_running_jobs(db: StateDB) -> None:
 def test_job_without_destinations_is_done_when_results_are_in(db: StateDB) -> None:
     job_id = _job(db, [])
     db.mark_job_queued(job_id, "task-1")
-    db.record_results(job_id, {"status": "ok"}, [Path("/r/seg.dcm")])
+    db.record_results(job_id, {"status": "ok"}, {})
     job = db.job(job_id)
     assert job is not None
     assert job.state == JobStateValues.DELIVERED

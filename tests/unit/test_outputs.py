@@ -1,0 +1,125 @@
+"""Per-destination output profiles: which files a job writes and who receives which."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from pydicom import dcmread
+
+from models import registry
+from models.base import Code, LabelSpec, SegmentationModel, Volume
+from node.config import Config
+from tests.dicom_factory import chest_phantom, write_ct_series
+from tests.peers import dciodvfy_errors
+from tests.sr_reading import read_absent
+from workers.outputs import OutputProfile, OutputRequest, SegVariant
+from workers.pipeline import run_job
+
+MODERN = OutputProfile(seg="labelmap")
+OLD = OutputProfile(seg="none", overlays=True)
+EVERYTHING = OutputProfile(seg="binary", omit_empty_frames=False, send_empty_seg=True)
+ANATOMY = Code("123037004", "SCT", "Anatomical Structure")
+
+
+def test_a_job_writes_the_union_of_its_destinations_profiles() -> None:
+    request = OutputRequest.for_profiles([MODERN, OLD, EVERYTHING, MODERN], notice="DEMO")
+    assert request.seg_variants == (
+        SegVariant(seg_type="labelmap", omit_empty_frames=True),
+        SegVariant(seg_type="binary", omit_empty_frames=False),
+    )
+    assert (request.sr, request.overlays) == (True, True)
+    assert request.describe("ct-tissue", "SEG") == "ct-tissue SEG - DEMO"
+
+
+@pytest.mark.parametrize(
+    ("profile", "empty", "expected"),
+    [
+        (MODERN, False, {"seg-labelmap.dcm", "sr.dcm"}),
+        (MODERN, True, {"sr.dcm"}),  # nothing found: no SEG unless asked for
+        (OLD, False, {"sr.dcm", "overlay-001.dcm"}),
+        (EVERYTHING, True, {"seg-binary-all-frames.dcm", "sr.dcm"}),
+        (OutputProfile(sr=False), False, {"seg-binary.dcm"}),
+    ],
+)
+def test_each_destination_receives_what_its_profile_says(
+    profile: OutputProfile, empty: bool, expected: set[str]
+) -> None:
+    written = [
+        "seg-binary.dcm",
+        "seg-binary-all-frames.dcm",
+        "seg-labelmap.dcm",
+        "sr.dcm",
+        "overlay-001.dcm",
+    ]
+    assert {name for name in written if profile.wants(name, empty_result=empty)} == expected
+
+
+def test_config_destinations_carry_profiles() -> None:
+    config = Config.model_validate(
+        {
+            "destinations": {
+                "viewer": {"ae_title": "V", "host": "127.0.0.1", "port": 104, "seg": "labelmap"},
+                "old": {
+                    "ae_title": "O",
+                    "host": "127.0.0.1",
+                    "port": 105,
+                    "seg": "none",
+                    "overlays": True,
+                },
+            },
+            "results": {"notice": "", "series_description": "AI {kind} ({model})"},
+        }
+    )
+    assert config.destinations["viewer"].seg_variant == MODERN.seg_variant
+    assert (config.destinations["old"].seg, config.destinations["old"].sr) == ("none", True)
+    with pytest.raises(ValueError, match=r"series_description may use only \{model\} and \{kind\}"):
+        Config.model_validate({"results": {"series_description": "{modality}"}})
+
+
+class NothingFound(SegmentationModel):
+    """Declares two labels and never finds them."""
+
+    name = "nothing-found"
+    version = "1.0"
+    labels = (
+        LabelSpec(1, "Liver", ANATOMY, Code("10200004", "SCT", "Liver")),
+        LabelSpec(2, "Spleen", ANATOMY, Code("78961009", "SCT", "Spleen")),
+    )
+
+    def predict(self, volume: Volume) -> npt.NDArray[np.uint8]:
+        return np.zeros(volume.voxels.shape, dtype=np.uint8)
+
+
+def test_empty_result_is_delivered_as_absent_findings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model finds nothing: the job succeeds; the SR says each label is absent and
+    the SEGs (for destinations that want them) hold empty segments."""
+    monkeypatch.setattr(registry, "_MODEL_CLASSES", dict(registry._MODEL_CLASSES))
+    monkeypatch.setattr(registry, "_INSTANCES", dict(registry._INSTANCES))
+    registry.register_model(NothingFound)
+    phantom = chest_phantom(shape=(8, 64, 64), spacing_mm=(5.0, 3.0, 3.0))
+    write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
+    request = OutputRequest.for_profiles([MODERN, EVERYTHING], notice="")
+    result = run_job(
+        job_id=1,
+        model_name="nothing-found",
+        series_dir=tmp_path / "ct",
+        output_dir=tmp_path / "out",
+        outputs=request,
+    )
+    assert result["status"] == "ok", result
+    assert result["empty"] is True
+    names = sorted(Path(p).name for p in result["files"])
+    assert names == ["seg-binary-all-frames.dcm", "seg-labelmap.dcm", "sr.dcm"]
+    sr = dcmread(tmp_path / "out" / "sr.dcm")
+    assert read_absent(sr) == {"Liver", "Spleen"}
+    assert sr.SeriesDescription == "nothing-found SR"
+    seg = dcmread(tmp_path / "out" / "seg-binary-all-frames.dcm")
+    assert int(seg.NumberOfFrames) == 2 * 8
+    for path in result["files"]:
+        if "labelmap" not in path:
+            assert dciodvfy_errors(path) == [], path

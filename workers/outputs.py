@@ -1,0 +1,122 @@
+"""What a job writes and which destination receives which file.
+
+Each destination in config.yaml has an :class:`OutputProfile` (SEG as BINARY or
+LABELMAP or not at all, with or without empty frames, SR, overlay images). A job writes
+the union of what its destinations want, one file per variant, named so that the node
+can tell them apart (:func:`seg_file_name`, :data:`SR_FILE`, :data:`OVERLAY_PREFIX`);
+the node then gives each destination the files its profile wants
+(:meth:`OutputProfile.wants`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "OVERLAY_PREFIX",
+    "SR_FILE",
+    "OutputProfile",
+    "OutputRequest",
+    "SegVariant",
+    "seg_file_name",
+]
+
+SR_FILE = "sr.dcm"
+OVERLAY_PREFIX = "overlay-"
+
+SegType = Literal["binary", "labelmap"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SegVariant(_Frozen):
+    """One SEG encoding: its type and whether frames without the segment are left out."""
+
+    seg_type: SegType
+    omit_empty_frames: bool
+
+    @property
+    def file_name(self) -> str:
+        return seg_file_name(self.seg_type, self.omit_empty_frames)
+
+
+def seg_file_name(seg_type: SegType, omit_empty_frames: bool) -> str:
+    """``seg-binary.dcm``, ``seg-labelmap-all-frames.dcm``, ..."""
+    return f"seg-{seg_type}{'' if omit_empty_frames else '-all-frames'}.dcm"
+
+
+class OutputProfile(_Frozen):
+    """What one destination receives.
+
+    ``seg``: ``binary`` (every viewer that shows SEG), ``labelmap`` (the DICOM label-map
+    segmentation, one frame per slice; newer viewers) or ``none`` (PACS that cannot show
+    SEG). ``omit_empty_frames``: leave out frames where a segment is absent (smaller,
+    the usual choice). ``send_empty_seg``: when the model found nothing, send a SEG with
+    empty segments anyway (the SR says "no findings" either way). ``sr``: the TID 1500
+    report. ``overlays``: key images with the outlines burned in, as Secondary Capture.
+    """
+
+    seg: Literal["binary", "labelmap", "none"] = "binary"
+    omit_empty_frames: bool = True
+    send_empty_seg: bool = False
+    sr: bool = True
+    overlays: bool = False
+
+    @property
+    def seg_variant(self) -> SegVariant | None:
+        if self.seg == "none":
+            return None
+        return SegVariant(seg_type=self.seg, omit_empty_frames=self.omit_empty_frames)
+
+    def wants(self, file_name: str, *, empty_result: bool) -> bool:
+        """Whether this destination receives the result file ``file_name``."""
+        if file_name == SR_FILE:
+            return self.sr
+        if file_name.startswith(OVERLAY_PREFIX):
+            return self.overlays
+        variant = self.seg_variant
+        if variant is not None and file_name == variant.file_name:
+            return self.send_empty_seg or not empty_result
+        return False
+
+
+class OutputRequest(_Frozen):
+    """What the worker writes for one job: the union over its destinations' profiles,
+    plus the settings every result object shares (config.yaml ``results``)."""
+
+    seg_variants: tuple[SegVariant, ...] = (SegVariant(seg_type="binary", omit_empty_frames=True),)
+    sr: bool = True
+    overlays: bool = False
+    series_description: str = "{model} {kind}"
+    notice: str = ""
+    seg_series_number: int = Field(default=901, ge=1)
+    sr_series_number: int = Field(default=902, ge=1)
+    overlay_series_number: int = Field(default=903, ge=1)
+
+    @classmethod
+    def for_profiles(cls, profiles: list[OutputProfile], **settings: object) -> OutputRequest:
+        """The union of ``profiles``; ``settings`` are the shared ``results`` settings."""
+        variants = []
+        for profile in profiles:
+            variant = profile.seg_variant
+            if variant is not None and variant not in variants:
+                variants.append(variant)
+        return cls.model_validate(
+            {
+                "seg_variants": tuple(variants),
+                "sr": any(p.sr for p in profiles),
+                "overlays": any(p.overlays for p in profiles),
+                **settings,
+            }
+        )
+
+    def describe(self, model: str, kind: str) -> str:
+        """SeriesDescription of a result series (at most 64 characters), with the notice."""
+        text = self.series_description.format(model=model, kind=kind)
+        if self.notice:
+            text = f"{text} - {self.notice}"
+        return text[:64]
