@@ -139,8 +139,9 @@ class Dispatcher:
             return
         files = [Path(path) for path in outcome["files"]]
         empty = bool(outcome.get("empty", False))
+        by_name = {path.name: path for path in files}
         deliveries = {
-            name: [path for path in files if profile.wants(path.name, empty_result=empty)]
+            name: [by_name[f] for f in profile.select(list(by_name), empty_result=empty)]
             for name, profile in self._profiles(job).items()
         }
         if self.db.record_results(job.id, outcome, deliveries):

@@ -3,9 +3,14 @@
 Each destination in config.yaml has an :class:`OutputProfile` (SEG as BINARY or
 LABELMAP or not at all, with or without empty frames, SR, overlay images). A job writes
 the union of what its destinations want, one file per variant, named so that the node
-can tell them apart (:func:`seg_file_name`, :data:`SR_FILE`, :data:`OVERLAY_PREFIX`);
-the node then gives each destination the files its profile wants
-(:meth:`OutputProfile.wants`).
+can tell them apart (:attr:`SegVariant.file_name`, :attr:`SegVariant.sr_file_name`,
+:data:`OVERLAY_PREFIX`); the node then gives each destination the files its profile
+selects (:meth:`OutputProfile.select`).
+
+An SR references the SEG whose segments it measures, so each destination gets the SR
+that references the very SEG it receives: one SR per SEG variant sent. A destination
+without SEG gets the SR of the default BINARY SEG (:data:`DEFAULT_SEG`), which is then
+built for the reference even if nobody receives it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "DEFAULT_SEG",
     "OVERLAY_PREFIX",
     "SR_FILE",
     "OutputProfile",
@@ -43,10 +49,21 @@ class SegVariant(_Frozen):
     def file_name(self) -> str:
         return seg_file_name(self.seg_type, self.omit_empty_frames)
 
+    @property
+    def sr_file_name(self) -> str:
+        """The SR that references this SEG: ``sr.dcm`` for :data:`DEFAULT_SEG`, else
+        e.g. ``sr-labelmap.dcm``."""
+        if self == DEFAULT_SEG:
+            return SR_FILE
+        return "sr-" + self.file_name.removeprefix("seg-")
+
 
 def seg_file_name(seg_type: SegType, omit_empty_frames: bool) -> str:
     """``seg-binary.dcm``, ``seg-labelmap-all-frames.dcm``, ..."""
     return f"seg-{seg_type}{'' if omit_empty_frames else '-all-frames'}.dcm"
+
+
+DEFAULT_SEG = SegVariant(seg_type="binary", omit_empty_frames=True)
 
 
 class OutputProfile(_Frozen):
@@ -72,24 +89,29 @@ class OutputProfile(_Frozen):
             return None
         return SegVariant(seg_type=self.seg, omit_empty_frames=self.omit_empty_frames)
 
-    def wants(self, file_name: str, *, empty_result: bool) -> bool:
-        """Whether this destination receives the result file ``file_name``."""
-        if file_name == SR_FILE:
-            return self.sr
-        if file_name.startswith(OVERLAY_PREFIX):
-            return self.overlays
+    def select(self, file_names: list[str], *, empty_result: bool) -> list[str]:
+        """The result files, of those a job wrote, that this destination receives."""
+        chosen = []
         variant = self.seg_variant
-        if variant is not None and file_name == variant.file_name:
-            return self.send_empty_seg or not empty_result
-        return False
+        if variant is not None and (self.send_empty_seg or not empty_result):
+            chosen += [name for name in file_names if name == variant.file_name]
+        if self.sr:
+            preferred = (variant or DEFAULT_SEG).sr_file_name
+            # A classification writes one SR, sr.dcm, whatever the SEG settings.
+            chosen.append(preferred if preferred in file_names else SR_FILE)
+            chosen = [name for name in chosen if name in file_names]
+        if self.overlays:
+            chosen += [name for name in file_names if name.startswith(OVERLAY_PREFIX)]
+        return chosen
 
 
 class OutputRequest(_Frozen):
     """What the worker writes for one job: the union over its destinations' profiles,
     plus the settings every result object shares (config.yaml ``results``)."""
 
-    seg_variants: tuple[SegVariant, ...] = (SegVariant(seg_type="binary", omit_empty_frames=True),)
-    sr: bool = True
+    seg_variants: tuple[SegVariant, ...] = (DEFAULT_SEG,)
+    #: The SEG each SR written references (one SR per entry); empty: no SR.
+    sr_references: tuple[SegVariant, ...] = (DEFAULT_SEG,)
     overlays: bool = False
     series_description: str = "{model} {kind}"
     notice: str = ""
@@ -100,15 +122,19 @@ class OutputRequest(_Frozen):
     @classmethod
     def for_profiles(cls, profiles: list[OutputProfile], **settings: object) -> OutputRequest:
         """The union of ``profiles``; ``settings`` are the shared ``results`` settings."""
-        variants = []
+        variants: list[SegVariant] = []
+        references: list[SegVariant] = []
         for profile in profiles:
             variant = profile.seg_variant
             if variant is not None and variant not in variants:
                 variants.append(variant)
+            reference = variant or DEFAULT_SEG
+            if profile.sr and reference not in references:
+                references.append(reference)
         return cls.model_validate(
             {
                 "seg_variants": tuple(variants),
-                "sr": any(p.sr for p in profiles),
+                "sr_references": tuple(references),
                 "overlays": any(p.overlays for p in profiles),
                 **settings,
             }

@@ -15,12 +15,12 @@ import numpy as np
 
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.registry import get_model
-from workers.outputs import OVERLAY_PREFIX, SR_FILE, OutputRequest, SegVariant
+from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
 from workers.overlays import build_overlay_images, key_images
-from workers.seg import build_seg
+from workers.seg import SegmentInfo, build_seg
 from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import SeriesError, load_images, load_series
-from workers.sr import build_classification_sr, build_sr
+from workers.sr import SegmentMeasurement, build_classification_sr, build_sr
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
@@ -118,11 +118,12 @@ def _segment(
     uids = ResultUids.for_job(series.datasets[0].SeriesInstanceUID, model.name, model.version)
     output_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    # The SR references the first SEG written; with no SEG wanted, a BINARY one is built
-    # for the reference only.
-    variants = request.seg_variants or (SegVariant(seg_type="binary", omit_empty_frames=True),)
-    referenced = None
-    for variant in variants:
+    # Every SEG sent, plus any an SR must reference although nobody receives it.
+    needed = list(request.seg_variants)
+    needed += [v for v in request.sr_references if v not in needed]
+    measurements: list[SegmentMeasurement] = []
+    segments: list[SegmentInfo] = []
+    for variant in needed:
         seg, segments = build_seg(
             series,
             label_map,
@@ -133,35 +134,39 @@ def _segment(
             series_number=request.seg_series_number,
             series_description=request.describe(model.name, "SEG"),
         )
-        if referenced is None:
-            referenced = (seg, segments)
-        if not request.seg_variants:
-            break
-        path = output_dir / variant.file_name
-        write_dataset_atomic(seg, path)
-        try:
-            check_seg_placement(path, series)
-        except SegPlacementError as exc:
-            path.unlink()
-            return _failed(job_id, f"{variant.file_name} not sent, it would be misplaced: {exc}")
-        files.append(path)
-    assert referenced is not None
-    seg, segments = referenced
-    sr, measurements = build_sr(
-        series,
-        label_map,
-        model,
-        seg,
-        segments,
-        uids,
-        series_number=request.sr_series_number,
-        series_description=request.describe(model.name, "SR"),
-    )
-    if request.sr:
-        write_dataset_atomic(sr, output_dir / SR_FILE)
-        files.append(output_dir / SR_FILE)
+        if variant in request.seg_variants:
+            path = output_dir / variant.file_name
+            write_dataset_atomic(seg, path)
+            try:
+                check_seg_placement(path, series)
+            except SegPlacementError as exc:
+                path.unlink()
+                return _failed(
+                    job_id, f"{variant.file_name} not sent, it would be misplaced: {exc}"
+                )
+            files.append(path)
+        if variant in request.sr_references:
+            sr, measurements = build_sr(
+                series,
+                label_map,
+                model,
+                seg,
+                segments,
+                uids,
+                series_number=request.sr_series_number,
+                series_description=request.describe(model.name, "SR"),
+                sop_instance_uid=(
+                    None if variant == DEFAULT_SEG else uids.derive("sr", variant.file_name)
+                ),
+            )
+            write_dataset_atomic(sr, output_dir / variant.sr_file_name)
+            files.append(output_dir / variant.sr_file_name)
     if request.overlays and not empty:
-        volumes = {m.label_value: m.volume_ml for m in measurements}
+        counts = np.bincount(label_map.ravel())
+        volumes = {
+            value: float(count) * series.volume.voxel_volume_ml
+            for value, count in enumerate(counts)
+        }
         images = key_images(series, label_map, segments, volumes, request.notice)
         overlays = build_overlay_images(
             series,
@@ -180,8 +185,6 @@ def _segment(
         "status": "ok",
         "files": [str(path) for path in files],
         "empty": empty,
-        "seg_sop_instance_uid": str(seg.SOPInstanceUID),
-        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
         "measurements": [m.as_dict() for m in measurements],
         "timings_s": timings,
     }

@@ -216,6 +216,7 @@ def _report(
     series_number: int,
     device_serial_number: str,
     series_description: str | None,
+    sop_instance_uid: str | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document: ``model`` as the observer device, ``groups`` as its content."""
     observer = hd.sr.ObserverContext(
@@ -237,7 +238,7 @@ def _report(
         content=report,
         series_instance_uid=uids.sr_series_instance_uid,
         series_number=series_number,
-        sop_instance_uid=uids.sr_sop_instance_uid,
+        sop_instance_uid=sop_instance_uid or uids.sr_sop_instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
@@ -251,7 +252,7 @@ def _report(
         len(groups),
         model.name,
         model.version,
-        extra={"sop_instance_uid": str(uids.sr_sop_instance_uid)},
+        extra={"sop_instance_uid": str(sr.SOPInstanceUID)},
     )
     return sr
 
@@ -266,6 +267,7 @@ def build_sr(
     *,
     series_number: int = SR_SERIES_NUMBER,
     series_description: str | None = None,
+    sop_instance_uid: str | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
     """Build the TID 1500 Measurement Report for the segments of ``seg``.
@@ -287,6 +289,11 @@ def build_sr(
         The job's result UIDs (SR series and instance UIDs).
     series_number
         SeriesNumber of the SR series.
+    series_description
+        SeriesDescription; "pacsnode <model> SR" when None.
+    sop_instance_uid
+        SOPInstanceUID; ``uids.sr_sop_instance_uid`` when None (an SR referencing
+        another encoding of the SEG needs its own).
     device_serial_number
         DeviceSerialNumber written in the equipment module.
 
@@ -369,6 +376,7 @@ def build_sr(
         series_number,
         device_serial_number,
         series_description,
+        sop_instance_uid,
     )
     return sr, measurements
 
@@ -397,6 +405,8 @@ def build_classification_sr(
         The job's result UIDs (SR series and instance UIDs).
     series_number
         SeriesNumber of the SR series.
+    series_description
+        SeriesDescription; "pacsnode <model> SR" when None.
     device_serial_number
         DeviceSerialNumber written in the equipment module.
 

@@ -76,3 +76,69 @@ def test_series_comes_back_as_seg_and_sr(
         assert volumes[name] == pytest.approx(mask_ml, rel=0.01), name
     for seg_uid, _segment in read_referenced_segments(sr).values():
         assert seg_uid == seg.SOPInstanceUID
+
+
+def _local(scp: StoreSCP) -> dict[str, object]:
+    return {"ae_title": scp.ae_title, "host": "127.0.0.1", "port": scp.port}
+
+
+def test_each_destination_gets_its_profile(phantom_dir: Path, tmp_path: Path) -> None:
+    """A modern viewer gets a LABELMAP SEG + SR; an old PACS gets SR + overlay images."""
+    from tests.integration.conftest import CT_RULE
+    from tests.node_process import node_config
+
+    rule = {**CT_RULE, "send_to": ["viewer", "oldpacs"]}
+    with StoreSCP(ae_title="VIEWER") as viewer, StoreSCP(ae_title="OLDPACS") as old:
+        config = node_config(
+            tmp_path / "data",
+            port=0,
+            destinations={
+                "viewer": {
+                    "ae_title": "VIEWER",
+                    "host": "127.0.0.1",
+                    "port": viewer.port,
+                    "seg": "labelmap",
+                },
+                "oldpacs": {
+                    "ae_title": "OLDPACS",
+                    "host": "127.0.0.1",
+                    "port": old.port,
+                    "seg": "none",
+                    "overlays": True,
+                },
+            },
+            rules=[rule],
+        )
+        del config["node"]["port"]
+        with NodeProcess(tmp_path / "node", config) as node:
+            sent = run_storescu("127.0.0.1", node.port, NODE_AE_TITLE, "SCANNER", phantom_dir)
+            assert sent.returncode == 0, sent.stderr
+            (job,) = node.wait_for_jobs(1, {JobStateValues.DELIVERED, JobStateValues.FAILED})
+            assert (job.state, job.reason) == (JobStateValues.DELIVERED, None)
+            at_viewer = viewer.wait_for_files(2)
+            at_old = old.wait_for_files(4)  # SR + soft tissue, lung and bone key images
+        viewer_kinds = sorted(str(dcmread(p).Modality) for p in at_viewer)
+        old_kinds = sorted(str(dcmread(p).Modality) for p in at_old)
+        assert viewer_kinds == ["SEG", "SR"]
+        assert old_kinds == ["OT", "OT", "OT", "SR"]
+        seg = next(dcmread(p) for p in at_viewer if dcmread(p).Modality == "SEG")
+        assert seg.SegmentationType == "LABELMAP"
+        assert seg.SeriesDescription == "ct-tissue SEG - NOT FOR CLINICAL USE"
+        # The viewer's SR references the label-map SEG it received; the old PACS's SR
+        # references the BINARY SEG (kept back, as its profile says).
+        viewer_sr = next(dcmread(p) for p in at_viewer if dcmread(p).Modality == "SR")
+        old_sr = next(dcmread(p) for p in at_old if dcmread(p).Modality == "SR")
+        assert {uid for uid, _ in read_referenced_segments(viewer_sr).values()} == {
+            seg.SOPInstanceUID
+        }
+        assert viewer_sr.SOPInstanceUID != old_sr.SOPInstanceUID
+        assert read_volumes_ml(viewer_sr) == read_volumes_ml(old_sr)
+        for path in at_old:
+            assert dciodvfy_errors(path) == [], path
+        source = load_series(sorted(phantom_dir.glob("*.dcm")))
+        for path in at_old:
+            ds = dcmread(path)
+            if ds.Modality == "OT":
+                assert ds.StudyInstanceUID == source.datasets[0].StudyInstanceUID
+                referenced = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+                assert referenced in {str(s.SOPInstanceUID) for s in source.datasets}

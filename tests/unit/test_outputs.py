@@ -15,7 +15,7 @@ from node.config import Config
 from tests.dicom_factory import chest_phantom, write_ct_series
 from tests.peers import dciodvfy_errors
 from tests.sr_reading import read_absent
-from workers.outputs import OutputProfile, OutputRequest, SegVariant
+from workers.outputs import DEFAULT_SEG, OutputProfile, OutputRequest, SegVariant
 from workers.pipeline import run_job
 
 MODERN = OutputProfile(seg="labelmap")
@@ -26,35 +26,41 @@ ANATOMY = Code("123037004", "SCT", "Anatomical Structure")
 
 def test_a_job_writes_the_union_of_its_destinations_profiles() -> None:
     request = OutputRequest.for_profiles([MODERN, OLD, EVERYTHING, MODERN], notice="DEMO")
-    assert request.seg_variants == (
-        SegVariant(seg_type="labelmap", omit_empty_frames=True),
-        SegVariant(seg_type="binary", omit_empty_frames=False),
-    )
-    assert (request.sr, request.overlays) == (True, True)
+    labelmap = SegVariant(seg_type="labelmap", omit_empty_frames=True)
+    all_frames = SegVariant(seg_type="binary", omit_empty_frames=False)
+    assert request.seg_variants == (labelmap, all_frames)
+    # One SR per SEG sent, and the default SEG's for the destination without SEG.
+    assert request.sr_references == (labelmap, DEFAULT_SEG, all_frames)
+    assert request.overlays
     assert request.describe("ct-tissue", "SEG") == "ct-tissue SEG - DEMO"
 
 
+WRITTEN = [
+    "seg-binary.dcm",
+    "seg-binary-all-frames.dcm",
+    "seg-labelmap.dcm",
+    "sr.dcm",
+    "sr-binary-all-frames.dcm",
+    "sr-labelmap.dcm",
+    "overlay-001.dcm",
+]
+
+
 @pytest.mark.parametrize(
-    ("profile", "empty", "expected"),
+    ("profile", "written", "empty", "expected"),
     [
-        (MODERN, False, {"seg-labelmap.dcm", "sr.dcm"}),
-        (MODERN, True, {"sr.dcm"}),  # nothing found: no SEG unless asked for
-        (OLD, False, {"sr.dcm", "overlay-001.dcm"}),
-        (EVERYTHING, True, {"seg-binary-all-frames.dcm", "sr.dcm"}),
-        (OutputProfile(sr=False), False, {"seg-binary.dcm"}),
+        (MODERN, WRITTEN, False, {"seg-labelmap.dcm", "sr-labelmap.dcm"}),
+        (MODERN, WRITTEN, True, {"sr-labelmap.dcm"}),  # nothing found: no SEG unless asked
+        (OLD, WRITTEN, False, {"sr.dcm", "overlay-001.dcm"}),
+        (EVERYTHING, WRITTEN, True, {"seg-binary-all-frames.dcm", "sr-binary-all-frames.dcm"}),
+        (OutputProfile(sr=False), WRITTEN, False, {"seg-binary.dcm"}),
+        (MODERN, ["sr.dcm"], False, {"sr.dcm"}),  # a classification: one SR for all
     ],
 )
 def test_each_destination_receives_what_its_profile_says(
-    profile: OutputProfile, empty: bool, expected: set[str]
+    profile: OutputProfile, written: list[str], empty: bool, expected: set[str]
 ) -> None:
-    written = [
-        "seg-binary.dcm",
-        "seg-binary-all-frames.dcm",
-        "seg-labelmap.dcm",
-        "sr.dcm",
-        "overlay-001.dcm",
-    ]
-    assert {name for name in written if profile.wants(name, empty_result=empty)} == expected
+    assert set(profile.select(written, empty_result=empty)) == expected
 
 
 def test_config_destinations_carry_profiles() -> None:
@@ -114,12 +120,17 @@ def test_empty_result_is_delivered_as_absent_findings(
     assert result["status"] == "ok", result
     assert result["empty"] is True
     names = sorted(Path(p).name for p in result["files"])
-    assert names == ["seg-binary-all-frames.dcm", "seg-labelmap.dcm", "sr.dcm"]
-    sr = dcmread(tmp_path / "out" / "sr.dcm")
+    assert names == [
+        "seg-binary-all-frames.dcm",
+        "seg-labelmap.dcm",
+        "sr-binary-all-frames.dcm",
+        "sr-labelmap.dcm",
+    ]
+    sr = dcmread(tmp_path / "out" / "sr-binary-all-frames.dcm")
     assert read_absent(sr) == {"Liver", "Spleen"}
     assert sr.SeriesDescription == "nothing-found SR"
     seg = dcmread(tmp_path / "out" / "seg-binary-all-frames.dcm")
     assert int(seg.NumberOfFrames) == 2 * 8
     for path in result["files"]:
-        if "labelmap" not in path:
+        if "labelmap" not in path:  # the label-map pair: dciodvfy predates its IOD
             assert dciodvfy_errors(path) == [], path
