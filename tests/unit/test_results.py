@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
+from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -562,3 +563,31 @@ def test_placement_check_passes_and_catches_a_shifted_frame(
     other_frame.save_as(tmp_path / "frame.dcm")
     with pytest.raises(SegPlacementError, match=r"FrameOfReferenceUID .* is not the source's"):
         check_seg_placement(tmp_path / "frame.dcm", series)
+
+
+@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
+def test_fast_write_gives_pydicoms_bytes(
+    series: LoadedSeries,
+    label_map: npt.NDArray[np.uint8],
+    model: FakeOrgans,
+    uids: ResultUids,
+    monkeypatch: pytest.MonkeyPatch,
+    seg_type: Literal["binary", "labelmap"],
+) -> None:
+    """The pre-encoded per-frame functional groups are exactly what pydicom writes."""
+    fast, _ = build_seg(series, label_map, model, uids, seg_type=seg_type)
+    assert fast.get_item("PerFrameFunctionalGroupsSequence").is_raw  # pre-encoded
+    monkeypatch.setattr("workers.seg.prepare_fast_write", lambda ds, keyword: None)
+    plain, _ = build_seg(series, label_map, model, uids, seg_type=seg_type)
+    timestamped = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
+    for keyword in (*timestamped, "ContributingEquipmentSequence"):
+        if keyword in fast:  # the two builds ran at different times
+            setattr(plain, keyword, fast[keyword].value)
+    encoded = []
+    for ds in (fast, plain):
+        with BytesIO() as fp:
+            ds.save_as(fp, enforce_file_format=True)
+            encoded.append(fp.getvalue())
+    assert encoded[0] == encoded[1]
+    frames = write_and_read(fast).PerFrameFunctionalGroupsSequence
+    assert len(frames) == int(plain.NumberOfFrames)
