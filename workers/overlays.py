@@ -92,7 +92,8 @@ def render_key_image(
         If the segment's label does not occur in ``label_map``.
     """
     mask = label_map == segment.label_value
-    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    # Summing bytes into uint32 is several times faster than summing booleans.
+    areas = mask.view(np.uint8).reshape(mask.shape[0], -1).sum(axis=1, dtype=np.uint32)
     if not areas.any():
         raise ValueError(f"segment {segment.name!r} does not occur in the label map")
     k = int(np.argmax(areas))
@@ -127,7 +128,7 @@ def key_images(
     notice: str = "",
 ) -> list[KeyImage]:
     """One :class:`KeyImage` per segment present in ``label_map``, in segment order."""
-    present = set(np.unique(label_map).tolist())
+    present = {info.label_value for info in segments if np.any(label_map == info.label_value)}
     return [
         render_key_image(
             series,

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.registry import get_model
@@ -19,12 +20,12 @@ from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
 from workers.overlays import build_overlay_images, key_images
 from workers.seg import SegmentInfo, build_seg
 from workers.seg_check import SegPlacementError, check_seg_placement
-from workers.series import SeriesError, load_images, load_series
+from workers.series import LoadedSeries, SeriesError, load_images, load_series
 from workers.sr import SegmentMeasurement, build_classification_sr, build_sr
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
-__all__ = ["run_job"]
+__all__ = ["run_job", "write_segmentation_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,42 @@ def _segment(
         logger.info("job %d: %s found none of its labels", job_id, model.name)
 
     mark = time.perf_counter()
+    try:
+        files, measurements = write_segmentation_results(
+            series, label_map, model, request, output_dir
+        )
+    except SegPlacementError as exc:
+        return _failed(job_id, f"a SEG was not sent, it would be misplaced: {exc}")
+    timings["results"] = time.perf_counter() - mark
+    return {
+        "status": "ok",
+        "files": [str(path) for path in files],
+        "empty": empty,
+        "measurements": [m.as_dict() for m in measurements],
+        "timings_s": timings,
+    }
+
+
+def write_segmentation_results(
+    series: LoadedSeries,
+    label_map: npt.NDArray[np.integer],
+    model: SegmentationModel,
+    request: OutputRequest,
+    output_dir: Path,
+) -> tuple[list[Path], list[SegmentMeasurement]]:
+    """The result step of a segmentation: the SEG variants, SRs and overlay images that
+    ``request`` names, written into ``output_dir``.
+
+    Returns
+    -------
+    tuple[list[Path], list[SegmentMeasurement]]
+        The files written and what the SRs measured.
+
+    Raises
+    ------
+    SegPlacementError
+        If a SEG read back does not sit on its source slices (the file is removed).
+    """
     uids = ResultUids.for_job(series.datasets[0].SeriesInstanceUID, model.name, model.version)
     output_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
@@ -141,9 +178,7 @@ def _segment(
                 check_seg_placement(path, series)
             except SegPlacementError as exc:
                 path.unlink()
-                return _failed(
-                    job_id, f"{variant.file_name} not sent, it would be misplaced: {exc}"
-                )
+                raise SegPlacementError(f"{variant.file_name}: {exc}") from exc
             files.append(path)
         if variant in request.sr_references:
             sr, measurements = build_sr(
@@ -161,11 +196,11 @@ def _segment(
             )
             write_dataset_atomic(sr, output_dir / variant.sr_file_name)
             files.append(output_dir / variant.sr_file_name)
-    if request.overlays and not empty:
-        counts = np.bincount(label_map.ravel())
-        volumes = {
-            value: float(count) * series.volume.voxel_volume_ml
-            for value, count in enumerate(counts)
+    if request.overlays:
+        voxel_ml = series.volume.voxel_volume_ml
+        volumes = {m.label_value: m.volume_ml for m in measurements} or {
+            info.label_value: float(np.count_nonzero(label_map == info.label_value)) * voxel_ml
+            for info in segments
         }
         images = key_images(series, label_map, segments, volumes, request.notice)
         overlays = build_overlay_images(
@@ -180,14 +215,7 @@ def _segment(
             path = output_dir / f"{OVERLAY_PREFIX}{number:03d}.dcm"
             write_dataset_atomic(overlay, path)
             files.append(path)
-    timings["results"] = time.perf_counter() - mark
-    return {
-        "status": "ok",
-        "files": [str(path) for path in files],
-        "empty": empty,
-        "measurements": [m.as_dict() for m in measurements],
-        "timings_s": timings,
-    }
+    return files, measurements
 
 
 def _classify(

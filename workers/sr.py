@@ -65,7 +65,7 @@ PROBABILITY_CONCEPT = codes.DCM.Probability  # DCM 122157
 PRESENT = codes.SCT.Present  # SCT 52101004
 ABSENT = codes.SCT.Absent  # SCT 272519000
 _IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # SCT 363679005
-_SLAB_SLICES = 16
+_SLAB_SLICES = 64
 
 
 @dataclass(frozen=True)
@@ -138,22 +138,25 @@ def measure_segments(
         raise ValueError(
             f"label_map must have the volume's shape {voxels.shape}. Found {label_map.shape}."
         )
-    size = int(label_map.max(initial=0)) + 1
-    counts = np.zeros(size, dtype=np.int64)
-    sums = np.zeros(size, dtype=np.float64)
-    squares = np.zeros(size, dtype=np.float64)
-    # In slabs, so the float64 weights bincount needs stay small for large volumes.
+    values = sorted({info.label_value for info in segments})
+    counts = dict.fromkeys(values, 0)
+    sums = dict.fromkeys(values, 0.0)
+    squares = dict.fromkeys(values, 0.0)
+    # Gather each label's voxels in slabs: several times faster than weighted bincounts
+    # over the whole map, and the float64 copies stay small for large volumes.
     for start in range(0, voxels.shape[0], _SLAB_SLICES):
-        labels = label_map[start : start + _SLAB_SLICES].ravel()
-        values = voxels[start : start + _SLAB_SLICES].ravel().astype(np.float64)
-        counts += np.bincount(labels, minlength=size)
-        sums += np.bincount(labels, weights=values, minlength=size)
-        squares += np.bincount(labels, weights=values * values, minlength=size)
+        labels = label_map[start : start + _SLAB_SLICES]
+        slab = voxels[start : start + _SLAB_SLICES]
+        for value in values:
+            inside = slab[labels == value].astype(np.float64)
+            counts[value] += inside.size
+            sums[value] += float(inside.sum())
+            squares[value] += float(np.dot(inside, inside))
     voxel_ml = series.volume.voxel_volume_ml
     result = []
     for info in segments:
         value = info.label_value
-        count = int(counts[value]) if value < size else 0
+        count = counts[value]
         if count == 0:
             raise ValueError(
                 f"segment {info.segment_number} ({info.name!r}) has label value {value}, "
@@ -166,7 +169,7 @@ def measure_segments(
                 segment_number=info.segment_number,
                 voxel_count=count,
                 volume_ml=count * voxel_ml,
-                mean=float(sums[value]) / count,
+                mean=sums[value] / count,
                 std=float(np.sqrt(max(0.0, squares[value] / count - (sums[value] / count) ** 2))),
             )
         )
