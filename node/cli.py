@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -65,15 +64,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from node.services import broker_url
     from workers.celery_app import app, configure
+    from workers.series import owned_cores
 
     concurrency = config.worker.concurrency
     if "gpu" in args.queue.split(",") and torch.cuda.is_available() and concurrency > 1:
         # Jobs on one GPU only compete for its memory; one at a time, one worker per GPU.
         logger.warning("worker on the gpu queue with a GPU runs one job at a time")
         concurrency = 1
-    # The cores this process may run on (a container or taskset may give it fewer).
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(max(1, (cores or 1) // concurrency))
+    torch.set_num_threads(max(1, owned_cores() // concurrency))
     configure(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
     pool = ["--pool", "solo"] if concurrency == 1 else [
         "--pool", "prefork", "--concurrency", str(concurrency)

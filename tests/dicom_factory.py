@@ -474,7 +474,6 @@ def write_ct_series(
     for_uid = frame_of_reference_uid or generate_uid()
     now = datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    window_center = float(np.median(volume))
     identity = _SeriesIdentity(
         patient_name=patient_name,
         patient_id=patient_id,
@@ -512,7 +511,7 @@ def write_ct_series(
             signed=signed,
         )
         ds.KVP = "120"
-        ds.WindowCenter = _ds(window_center)
+        ds.WindowCenter = "40"  # soft tissue, as a scanner would set it
         ds.WindowWidth = "400"
         ds.RescaleIntercept = _ds(intercept)
         ds.RescaleSlope = _ds(rescale_slope)

@@ -40,6 +40,14 @@ SPACING_RELATIVE_TOLERANCE = 0.01
 SPACING_ABSOLUTE_TOLERANCE_MM = 0.01
 
 
+def owned_cores() -> int:
+    """The CPU cores this process may run on (a container or taskset may give it fewer
+    than the machine has): decoding uses them all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class SeriesError(Exception):
     """The series cannot be turned into a volume; the message names what is wrong."""
 
@@ -230,8 +238,7 @@ def load_series(paths: Iterable[Path]) -> LoadedSeries:
     if len(files) < 2:
         raise SeriesError(f"a volume needs at least 2 slices; the series has {len(files)}")
 
-    workers = os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=owned_cores()) as pool:
         datasets = list(pool.map(_read, files))
         _check_consistent(datasets)
         row, col, normal = _directions(datasets[0])
@@ -321,8 +328,7 @@ def load_images(paths: Iterable[Path]) -> list[LoadedSeries]:
     files = sorted(Path(p) for p in paths)
     if not files:
         raise SeriesError("the series has no instances")
-    workers = os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=owned_cores()) as pool:
         datasets = list(pool.map(lambda path: _read(path, geometry=False), files))
         pixels = list(pool.map(_decode, datasets))
     images = []
