@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from pydicom import dcmread
 
 from models.ct_tissue import CtTissueModel
@@ -136,9 +140,23 @@ def test_each_destination_gets_its_profile(phantom_dir: Path, tmp_path: Path) ->
         for path in at_old:
             assert dciodvfy_errors(path) == [], path
         source = load_series(sorted(phantom_dir.glob("*.dcm")))
-        for path in at_old:
-            ds = dcmread(path)
-            if ds.Modality == "OT":
-                assert ds.StudyInstanceUID == source.datasets[0].StudyInstanceUID
-                referenced = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
-                assert referenced in {str(s.SOPInstanceUID) for s in source.datasets}
+        overlays = sorted(
+            (dcmread(p) for p in at_old if dcmread(p).Modality == "OT"),
+            key=lambda ds: int(ds.InstanceNumber),
+        )
+        for ds in overlays:
+            assert ds.StudyInstanceUID == source.datasets[0].StudyInstanceUID
+            referenced = ds.SourceImageSequence[0].ReferencedSOPInstanceUID
+            assert referenced in {str(s.SOPInstanceUID) for s in source.datasets}
+
+        # pacsnode render draws, from the job's SEG, the pictures the old PACS received.
+        rendered = subprocess.run(
+            [str(Path(sys.executable).parent / "pacsnode"), "render", str(job.id),
+             "--config", str(node.config_path), "--out", str(tmp_path / "png")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert rendered.returncode == 0, rendered.stderr
+        pngs = [Path(line) for line in rendered.stdout.split()]
+        assert len(pngs) == len(overlays) == 3
+        for png, ds in zip(pngs, overlays, strict=True):
+            np.testing.assert_array_equal(np.asarray(Image.open(png)), ds.pixel_array)
