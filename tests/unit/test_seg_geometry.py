@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,7 +208,9 @@ def _round_trip(tmp_path: Path, model: SegmentationModel, geometry: Geometry) ->
 
     out_dir = tmp_path / "dcmqi"
     out_dir.mkdir()
-    executable = shutil.which(SEGIMAGE2ITKIMAGE)
+    # The dcmqi wheel puts its scripts beside this interpreter; the venv need not be on PATH.
+    beside = Path(sys.executable).parent / SEGIMAGE2ITKIMAGE
+    executable = str(beside) if beside.is_file() else shutil.which(SEGIMAGE2ITKIMAGE)
     assert executable is not None, f"{SEGIMAGE2ITKIMAGE} (PyPI package dcmqi) is not installed"
     result = subprocess.run(
         [
