@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,11 @@ import numpy.typing as npt
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.registry import get_model
 from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
-from workers.overlays import build_overlay_images, key_images
-from workers.seg import SegmentInfo, build_seg
+from workers.overlays import KeyImage, build_overlay_images, key_images
+from workers.seg import SegmentInfo, build_seg, plan_segments
 from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import LoadedSeries, SeriesError, load_images, load_series
-from workers.sr import SegmentMeasurement, build_classification_sr, build_sr
+from workers.sr import SegmentMeasurement, build_classification_sr, build_sr, measure_segments
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
@@ -155,54 +156,55 @@ def write_segmentation_results(
     uids = ResultUids.for_job(series.datasets[0].SeriesInstanceUID, model.name, model.version)
     output_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
-    # Every SEG sent, plus any an SR must reference although nobody receives it.
-    needed = list(request.seg_variants)
-    needed += [v for v in request.sr_references if v not in needed]
-    measurements: list[SegmentMeasurement] = []
-    segments: list[SegmentInfo] = []
-    for variant in needed:
-        seg, segments = build_seg(
-            series,
-            label_map,
-            model,
-            uids,
-            seg_type=variant.seg_type,
-            omit_empty_frames=variant.omit_empty_frames,
-            series_number=request.seg_series_number,
-            series_description=request.describe(model.name, "SEG"),
-        )
-        if variant in request.seg_variants:
-            path = output_dir / variant.file_name
-            write_dataset_atomic(seg, path)
-            try:
-                check_seg_placement(path, series)
-            except SegPlacementError as exc:
-                path.unlink()
-                raise SegPlacementError(f"{variant.file_name}: {exc}") from exc
-            files.append(path)
-        if variant in request.sr_references:
-            sr, measurements = build_sr(
+    segments = plan_segments(label_map, model, uids)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Statistics and key images are numpy work that releases the GIL: they run beside
+        # the SEG build, which is mostly Python.
+        numbers = pool.submit(_measure_and_draw, series, label_map, segments, request)
+        # Every SEG sent, plus any an SR must reference although nobody receives it.
+        needed = list(request.seg_variants)
+        needed += [v for v in request.sr_references if v not in needed]
+        for variant in needed:
+            seg, _ = build_seg(
                 series,
                 label_map,
                 model,
-                seg,
-                segments,
                 uids,
-                series_number=request.sr_series_number,
-                series_description=request.describe(model.name, "SR"),
-                sop_instance_uid=(
-                    None if variant == DEFAULT_SEG else uids.derive("sr", variant.file_name)
-                ),
+                seg_type=variant.seg_type,
+                omit_empty_frames=variant.omit_empty_frames,
+                series_number=request.seg_series_number,
+                series_description=request.describe(model.name, "SEG"),
+                segments=segments,
             )
-            write_dataset_atomic(sr, output_dir / variant.sr_file_name)
-            files.append(output_dir / variant.sr_file_name)
-    if request.overlays:
-        voxel_ml = series.volume.voxel_volume_ml
-        volumes = {m.label_value: m.volume_ml for m in measurements} or {
-            info.label_value: float(np.count_nonzero(label_map == info.label_value)) * voxel_ml
-            for info in segments
-        }
-        images = key_images(series, label_map, segments, volumes, request.notice)
+            if variant in request.seg_variants:
+                path = output_dir / variant.file_name
+                write_dataset_atomic(seg, path)
+                try:
+                    check_seg_placement(path, series)
+                except SegPlacementError as exc:
+                    path.unlink()
+                    raise SegPlacementError(f"{variant.file_name}: {exc}") from exc
+                files.append(path)
+            if variant in request.sr_references:
+                measurements, _ = numbers.result()
+                sr, _ = build_sr(
+                    series,
+                    label_map,
+                    model,
+                    seg,
+                    segments,
+                    uids,
+                    series_number=request.sr_series_number,
+                    series_description=request.describe(model.name, "SR"),
+                    sop_instance_uid=(
+                        None if variant == DEFAULT_SEG else uids.derive("sr", variant.file_name)
+                    ),
+                    measurements=measurements,
+                )
+                write_dataset_atomic(sr, output_dir / variant.sr_file_name)
+                files.append(output_dir / variant.sr_file_name)
+        measurements, images = numbers.result()
+    if images:
         overlays = build_overlay_images(
             series,
             images,
@@ -216,6 +218,23 @@ def write_segmentation_results(
             write_dataset_atomic(overlay, path)
             files.append(path)
     return files, measurements
+
+
+def _measure_and_draw(
+    series: LoadedSeries,
+    label_map: npt.NDArray[np.integer],
+    segments: list[SegmentInfo],
+    request: OutputRequest,
+) -> tuple[list[SegmentMeasurement], list[KeyImage]]:
+    """Statistics of the segments present, and their key images if overlays are wanted."""
+    # plan_segments lists the labels present, or all of them when none is (empty result).
+    present = segments if np.any(label_map) else []
+    measurements = measure_segments(series, label_map, present)
+    images: list[KeyImage] = []
+    if request.overlays and present:
+        volumes = {m.label_value: m.volume_ml for m in measurements}
+        images = key_images(series, label_map, present, volumes, request.notice)
+    return measurements, images
 
 
 def _classify(

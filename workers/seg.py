@@ -33,6 +33,7 @@ __all__ = [
     "algorithm_identification",
     "build_seg",
     "pacsnode_version",
+    "plan_segments",
     "present_labels",
     "to_pydicom_code",
 ]
@@ -118,6 +119,28 @@ def present_labels(label_map: npt.NDArray[np.integer], model: SegmentationModel)
     return [spec for spec, count in zip(declared, counts, strict=True) if count]
 
 
+def plan_segments(
+    label_map: npt.NDArray[np.integer], model: SegmentationModel, uids: ResultUids
+) -> list[SegmentInfo]:
+    """The segments of a SEG of ``label_map``: one per label present, numbered 1, 2, ...
+    in label-value order; every declared label when none is present (an empty result).
+
+    Raises
+    ------
+    ValueError
+        If the label map holds a value that is not one of the model's labels.
+    """
+    specs = present_labels(label_map, model) or sorted(model.labels, key=lambda spec: spec.value)
+    return [
+        SegmentInfo(
+            segment_number=number,
+            label=spec,
+            tracking_uid=uids.derive("segment", str(spec.value)),
+        )
+        for number, spec in enumerate(specs, start=1)
+    ]
+
+
 def _content_label(model: SegmentationModel) -> str:
     """A valid CS (at most 16 of A-Z, 0-9, _ and space) naming the model."""
     label = _CS_FORBIDDEN.sub("_", model.name.upper())[:16].strip()
@@ -169,6 +192,7 @@ def build_seg(
     omit_empty_frames: bool = True,
     series_number: int = SEG_SERIES_NUMBER,
     series_description: str | None = None,
+    segments: list[SegmentInfo] | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.seg.Segmentation, list[SegmentInfo]]:
     """Build a Segmentation of ``label_map`` on ``series``.
@@ -194,6 +218,9 @@ def build_seg(
         SeriesNumber of the SEG series.
     series_description
         SeriesDescription; "pacsnode <model> SEG" when None.
+    segments
+        :func:`plan_segments` of this label map, when the caller has it already (it
+        costs a pass over the label map per label).
     device_serial_number
         DeviceSerialNumber written in the equipment module (e.g. the node's name).
 
@@ -211,16 +238,9 @@ def build_seg(
         declare.
     """
     _check_inputs(series, label_map)
-    specs = present_labels(label_map, model) or sorted(model.labels, key=lambda spec: spec.value)
+    if segments is None:
+        segments = plan_segments(label_map, model, uids)
     algorithm = algorithm_identification(model)
-    segments = [
-        SegmentInfo(
-            segment_number=number,
-            label=spec,
-            tracking_uid=uids.derive("segment", str(spec.value)),
-        )
-        for number, spec in enumerate(specs, start=1)
-    ]
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=info.segment_number,

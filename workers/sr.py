@@ -271,6 +271,7 @@ def build_sr(
     series_number: int = SR_SERIES_NUMBER,
     series_description: str | None = None,
     sop_instance_uid: str | None = None,
+    measurements: Sequence[SegmentMeasurement] | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
     """Build the TID 1500 Measurement Report for the segments of ``seg``.
@@ -297,6 +298,9 @@ def build_sr(
     sop_instance_uid
         SOPInstanceUID; ``uids.sr_sop_instance_uid`` when None (an SR referencing
         another encoding of the SEG needs its own).
+    measurements
+        :func:`measure_segments` of the segments present, in segment order, when the
+        caller has them already; measured here when None.
     device_serial_number
         DeviceSerialNumber written in the equipment module.
 
@@ -311,15 +315,20 @@ def build_sr(
         If the segments do not cover the labels present in ``label_map``, or
         ``label_map`` does not match the series.
     """
-    present = [spec.value for spec in present_labels(label_map, model)]
-    listed = [info.label_value for info in segments]
-    if not set(present) <= set(listed):
-        raise ValueError(
-            f"segments cover labels {listed} but label_map holds labels {present}; pass "
-            "the segments build_seg returned for this label map."
+    if measurements is None:
+        present = [spec.value for spec in present_labels(label_map, model)]
+        listed = [info.label_value for info in segments]
+        if not set(present) <= set(listed):
+            raise ValueError(
+                f"segments cover labels {listed} but label_map holds labels {present}; pass "
+                "the segments build_seg returned for this label map."
+            )
+        measurements = measure_segments(
+            series, label_map, [info for info in segments if info.label_value in present]
         )
+    present = [m.label_value for m in measurements]
     found = [info for info in segments if info.label_value in present]
-    measurements = measure_segments(series, label_map, found)
+    measurements = list(measurements)
     algorithm = _algorithm(model)
     source_series = hd.sr.SourceSeriesForSegmentation(series.datasets[0].SeriesInstanceUID)
     modality = series.volume.modality or str(series.datasets[0].get("Modality", ""))
