@@ -107,9 +107,33 @@ def _preprocessing(
             keys = ("a_min", "a_max", "b_min", "b_max", "clip")
             found["intensity"] = {k: args[k] for k in keys if k in args}
     if pre.normalize is None:
-        if _transform_args(inference, ("NormalizeIntensityd", "NormalizeIntensity")) is not None:
+        zscore = _transform_args(inference, ("NormalizeIntensityd", "NormalizeIntensity"))
+        minmax = _transform_args(inference, ("ScaleIntensityd", "ScaleIntensity"))
+        # Only the plain forms are reproduced; others must be set in pacsnode.yaml.
+        unsupported = {
+            "NormalizeIntensity": {
+                k: v
+                for k, v in (zscore or {}).items()
+                if k in ("subtrahend", "divisor", "nonzero", "channel_wise")
+                and v not in (None, False)
+            },
+            "ScaleIntensity": {
+                k: v
+                for k, v in (minmax or {}).items()
+                if (k, v) not in (("minv", 0.0), ("maxv", 1.0), ("minv", 0), ("maxv", 1))
+                and k in ("minv", "maxv", "factor", "channel_wise")
+                and v not in (None, False)
+            },
+        }
+        for name, arguments in unsupported.items():
+            if arguments:
+                raise ModelSpecError(
+                    f"{inference_path}: {name} with {arguments} is not reproduced by pacsnode; "
+                    f"set preprocessing.normalize (or intensity) in {spec_path}"
+                )
+        if zscore is not None:
             found["normalize"] = "zscore"
-        elif _transform_args(inference, ("ScaleIntensityd", "ScaleIntensity")) is not None:
+        elif minmax is not None:
             found["normalize"] = "minmax"
     if pre.axcodes is None:
         args = _transform_args(inference, ("Orientationd", "Orientation")) or {}

@@ -282,23 +282,53 @@ class NetworkRunner:
         raise AssertionError("unreachable")
 
     def segment(self, volume: Volume) -> npt.NDArray[np.uint8]:
-        """uint8 label map on the volume's grid: channel ``c`` of the output is value ``c``."""
+        """uint8 label map on the volume's grid: channel ``c`` of the output is value ``c``.
+
+        Raises
+        ------
+        ModelError
+            If the network has too few or too many output channels for its labels.
+        """
         import torch
-        import torch.nn.functional as F
 
         with self.lock, torch.inference_mode():
             x, back, grid_shape = self.to_network_input(volume)
             logits = self.sliding_window(x)
             del x
-            if tuple(logits.shape[2:]) != grid_shape:
-                logits = F.interpolate(
-                    logits.float(), size=list(grid_shape), mode="trilinear", align_corners=False
+            channels = int(logits.shape[1])
+            highest = max((label.value for label in self.info.labels), default=0)
+            if not highest < channels <= 256:
+                raise ModelError(
+                    f"{self.info.name} returned {channels} output channels; its labels up to "
+                    f"{highest} need at least {highest + 1} (channel 0 is background) and "
+                    "at most 256"
                 )
-            labels = argmax_channels(logits[0])
-            del logits
-            if back is not None:
-                labels = _apply_orientation(labels, back)
+            try:
+                labels = self._labels_on_grid(logits, grid_shape, back)
+            except torch.OutOfMemoryError:
+                # Resampling C channels back to the grid needs C volumes of float32.
+                logger.warning(
+                    "%s: out of memory after stitching; finishing on the host", self.info.name
+                )
+                torch.cuda.empty_cache()
+                labels = self._labels_on_grid(logits.cpu(), grid_shape, back)
             return np.ascontiguousarray(labels.cpu().numpy(), dtype=np.uint8)
+
+    @staticmethod
+    def _labels_on_grid(
+        logits: torch.Tensor, grid_shape: tuple[int, ...], back: npt.NDArray[np.float64] | None
+    ) -> torch.Tensor:
+        """Resample the logits to the volume's (reoriented) grid, argmax, orient back."""
+        import torch.nn.functional as F
+
+        if tuple(logits.shape[2:]) != grid_shape:
+            logits = F.interpolate(
+                logits.float(), size=list(grid_shape), mode="trilinear", align_corners=False
+            )
+        labels = argmax_channels(logits[0])
+        if back is not None:
+            labels = _apply_orientation(labels, back)
+        return labels
 
     # --- classification ----------------------------------------------------------------
 

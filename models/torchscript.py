@@ -54,10 +54,10 @@ def read_torchscript_model(path: Path) -> NetworkInfo:
                 f"{spec_path}: field 'inference.roi_size' is needed for a segmentation model"
             )
         for value, entry in sorted(spec.labels.items()):
-            if value < 1 or entry.name is None:
+            if not 1 <= value <= 255 or entry.name is None:
                 raise ModelSpecError(
-                    f"{spec_path}: labels.{value}: every label needs a value of 1 or more "
-                    "(0 is background) and a name"
+                    f"{spec_path}: labels.{value}: every label needs a value from 1 to 255 "
+                    "(its output channel; 0 is background) and a name"
                 )
             labels.append(
                 LabelSpec(

@@ -88,18 +88,19 @@ class Dispatcher:
             sent += 1
         return sent
 
-    def _profiles(self, job: Job) -> dict[str, OutputProfile]:
-        """Each of the job's destinations with what it receives; a destination no longer
-        in config.yaml gets the default profile (the sender reports it as unknown)."""
-        return {
-            name: self.config.destinations.get(name, OutputProfile()) for name in job.destinations
-        }
-
     def _outputs(self, job: Job) -> OutputRequest:
-        """What the worker writes: the union of the destinations' profiles (an SR and a
-        BINARY SEG when the job has no destination), with config.yaml ``results``."""
-        profiles = list(self._profiles(job).values()) or [OutputProfile()]
-        return OutputRequest.for_profiles(profiles, **self.config.results.model_dump())
+        """What the worker writes and each destination receives, from config.yaml now; a
+        destination no longer in config.yaml gets the default profile (the sender then
+        reports it as unknown)."""
+        profiles = {
+            name: OutputProfile.model_validate(
+                self.config.destinations[name].model_dump(include=set(OutputProfile.model_fields))
+            )
+            if name in self.config.destinations
+            else OutputProfile()
+            for name in job.destinations
+        }
+        return OutputRequest.for_destinations(profiles, **self.config.results.model_dump())
 
     def collect(self) -> None:
         """Record the outcome of every queued or running job that has one."""
@@ -139,10 +140,21 @@ class Dispatcher:
             return
         files = [Path(path) for path in outcome["files"]]
         empty = bool(outcome.get("empty", False))
+        # The profiles the worker wrote for (config.yaml may have changed since dispatch).
+        request = (
+            OutputRequest.model_validate(outcome["outputs"])
+            if "outputs" in outcome
+            else self._outputs(job)
+        )
         by_name = {path.name: path for path in files}
         deliveries = {
-            name: [by_name[f] for f in profile.select(list(by_name), empty_result=empty)]
-            for name, profile in self._profiles(job).items()
+            name: [
+                by_name[f]
+                for f in request.destinations.get(name, OutputProfile()).select(
+                    list(by_name), empty_result=empty
+                )
+            ]
+            for name in job.destinations
         }
         if self.db.record_results(job.id, outcome, deliveries):
             logger.info("job %d results ready", job.id, extra={"job_id": job.id})

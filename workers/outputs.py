@@ -50,6 +50,12 @@ class SegVariant(_Frozen):
         return seg_file_name(self.seg_type, self.omit_empty_frames)
 
     @property
+    def instance_number(self) -> int:
+        """InstanceNumber of this encoding's SEG, and of the SR that references it, in
+        their series (one series each per job)."""
+        return 1 + 2 * (self.seg_type == "labelmap") + (not self.omit_empty_frames)
+
+    @property
     def sr_file_name(self) -> str:
         """The SR that references this SEG: ``sr.dcm`` for :data:`DEFAULT_SEG`, else
         e.g. ``sr-labelmap.dcm``."""
@@ -109,6 +115,8 @@ class OutputRequest(_Frozen):
     """What the worker writes for one job: the union over its destinations' profiles,
     plus the settings every result object shares (config.yaml ``results``)."""
 
+    #: What each destination of the job receives, as config.yaml said at dispatch.
+    destinations: dict[str, OutputProfile] = Field(default_factory=dict)
     seg_variants: tuple[SegVariant, ...] = (DEFAULT_SEG,)
     #: The SEG each SR written references (one SR per entry); empty: no SR.
     sr_references: tuple[SegVariant, ...] = (DEFAULT_SEG,)
@@ -118,6 +126,16 @@ class OutputRequest(_Frozen):
     seg_series_number: int = Field(default=901, ge=1)
     sr_series_number: int = Field(default=902, ge=1)
     overlay_series_number: int = Field(default=903, ge=1)
+
+    @classmethod
+    def for_destinations(
+        cls, destinations: dict[str, OutputProfile], **settings: object
+    ) -> OutputRequest:
+        """What to write for these destinations (a BINARY SEG and its SR when there are
+        none, so the job's results exist for ``pacsnode render``)."""
+        profiles = list(destinations.values()) or [OutputProfile()]
+        request = cls.for_profiles(profiles, **settings)
+        return request.model_copy(update={"destinations": dict(destinations)})
 
     @classmethod
     def for_profiles(cls, profiles: list[OutputProfile], **settings: object) -> OutputRequest:
@@ -141,8 +159,8 @@ class OutputRequest(_Frozen):
         )
 
     def describe(self, model: str, kind: str) -> str:
-        """SeriesDescription of a result series (at most 64 characters), with the notice."""
+        """SeriesDescription of a result series (at most 64 characters); the notice is
+        kept whole, the description shortened to make room for it."""
         text = self.series_description.format(model=model, kind=kind)
-        if self.notice:
-            text = f"{text} - {self.notice}"
-        return text[:64]
+        suffix = f" - {self.notice}" if self.notice else ""
+        return text[: 64 - len(suffix)] + suffix

@@ -73,6 +73,7 @@ def run_job(
     else:
         raise TypeError(f"model {model.name} is neither a segmentation nor a classification model")
     if outcome["status"] == "ok":
+        outcome["outputs"] = request.model_dump(mode="json")  # who gets which file
         outcome["timings_s"]["total"] = time.perf_counter() - started
         logger.info(
             "job %d: %s on %d instances done in %.2f s",
@@ -182,7 +183,8 @@ def write_segmentation_results(
                 try:
                     check_seg_placement(path, series)
                 except SegPlacementError as exc:
-                    path.unlink()
+                    for written in [*files, path]:  # nothing of this job may be sent
+                        written.unlink()
                     raise SegPlacementError(f"{variant.file_name}: {exc}") from exc
                 files.append(path)
             if variant in request.sr_references:
@@ -199,6 +201,7 @@ def write_segmentation_results(
                     sop_instance_uid=(
                         None if variant == DEFAULT_SEG else uids.derive("sr", variant.file_name)
                     ),
+                    instance_number=variant.instance_number,
                     measurements=measurements,
                 )
                 write_dataset_atomic(sr, output_dir / variant.sr_file_name)

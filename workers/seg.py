@@ -23,6 +23,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from models.base import Code, LabelSpec, SegmentationModel
 from workers.dicom_encoding import prepare_fast_write
+from workers.outputs import SegVariant
 from workers.series import LoadedSeries
 from workers.uids import ResultUids
 
@@ -44,13 +45,6 @@ MANUFACTURER = "pacsnode"
 SEG_SERIES_NUMBER = 901
 
 _CS_FORBIDDEN = re.compile(r"[^A-Z0-9_ ]")
-# One SEG series per job; each encoding is its own instance in it.
-_VARIANT_INSTANCE_NUMBERS = {
-    "binary": 1,
-    "binary-all-frames": 2,
-    "labelmap": 3,
-    "labelmap-all-frames": 4,
-}
 
 
 @dataclass(frozen=True)
@@ -259,7 +253,7 @@ def build_seg(
     # Label values -> consecutive segment numbers (label-map style array for highdicom);
     # nothing to do in the usual case of labels 1..n all present.
     if all(info.label_value == info.segment_number for info in segments) and (
-        label_map.dtype == np.uint8 or len(segments) >= 256
+        label_map.dtype == np.uint8 or (label_map.dtype == np.uint16 and len(segments) >= 256)
     ):
         pixel_array = label_map
     else:
@@ -287,9 +281,9 @@ def build_seg(
         sop_instance_uid=(
             uids.seg_sop_instance_uid if canonical else uids.derive("seg-instance", variant)
         ),
-        instance_number=1
-        if canonical
-        else 2 + ["binary-all-frames", "labelmap", "labelmap-all-frames"].index(variant),
+        instance_number=SegVariant(
+            seg_type=seg_type, omit_empty_frames=omit_empty_frames
+        ).instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),

@@ -202,12 +202,6 @@ def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
         raise SeriesError(
             f"{_name(ds)}: decoded pixel data has shape {stored.shape}, expected {expected}"
         )
-    if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" and not int(
-        ds.get("PixelRepresentation") or 0
-    ):
-        # Low values are white: invert within the stored bits, so bright means dense
-        # for every image a model sees.
-        stored = ((1 << int(ds.get("BitsStored") or 16)) - 1) - stored.astype(np.int64)
     slope = float(ds.get("RescaleSlope") or 1.0)
     intercept = float(ds.get("RescaleIntercept") or 0.0)
     return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
@@ -267,6 +261,20 @@ def load_series(paths: Iterable[Path]) -> LoadedSeries:
         volume.spacing_mm,
     )
     return LoadedSeries(volume=volume, datasets=tuple(ordered))
+
+
+def _decode_bright_dense(ds: Dataset) -> npt.NDArray[np.float32]:
+    """:func:`_decode`, with MONOCHROME1 (low values white, common on CR/DX) inverted
+    so that bright means dense for every radiograph a model sees."""
+    pixels = _decode(ds)
+    if str(ds.get("PhotometricInterpretation", "")) != "MONOCHROME1":
+        return pixels
+    if int(ds.get("PixelRepresentation") or 0):
+        return -pixels
+    top = float((1 << int(ds.get("BitsStored") or 16)) - 1)
+    slope = float(ds.get("RescaleSlope") or 1.0)
+    intercept = float(ds.get("RescaleIntercept") or 0.0)
+    return ((top * slope + 2 * intercept) - pixels).astype(np.float32)
 
 
 def _nominal_spacing(ds: Dataset) -> tuple[float, float]:
@@ -330,7 +338,7 @@ def load_images(paths: Iterable[Path]) -> list[LoadedSeries]:
         raise SeriesError("the series has no instances")
     with ThreadPoolExecutor(max_workers=owned_cores()) as pool:
         datasets = list(pool.map(lambda path: _read(path, geometry=False), files))
-        pixels = list(pool.map(_decode, datasets))
+        pixels = list(pool.map(_decode_bright_dense, datasets))
     images = []
     for ds, image in zip(datasets, pixels, strict=True):
         del ds.PixelData

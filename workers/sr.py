@@ -220,6 +220,7 @@ def _report(
     device_serial_number: str,
     series_description: str | None,
     sop_instance_uid: str | None = None,
+    instance_number: int = 1,
 ) -> hd.sr.Comprehensive3DSR:
     """The SR document: ``model`` as the observer device, ``groups`` as its content."""
     observer = hd.sr.ObserverContext(
@@ -242,7 +243,7 @@ def _report(
         series_instance_uid=uids.sr_series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid or uids.sr_sop_instance_uid,
-        instance_number=1,
+        instance_number=instance_number,
         manufacturer=MANUFACTURER,
         is_complete=True,
         series_description=(series_description or f"{MANUFACTURER} {model.name} SR")[:64],
@@ -271,6 +272,7 @@ def build_sr(
     series_number: int = SR_SERIES_NUMBER,
     series_description: str | None = None,
     sop_instance_uid: str | None = None,
+    instance_number: int = 1,
     measurements: Sequence[SegmentMeasurement] | None = None,
     device_serial_number: str = "1",
 ) -> tuple[hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
@@ -298,6 +300,8 @@ def build_sr(
     sop_instance_uid
         SOPInstanceUID; ``uids.sr_sop_instance_uid`` when None (an SR referencing
         another encoding of the SEG needs its own).
+    instance_number
+        InstanceNumber in the SR series.
     measurements
         :func:`measure_segments` of the segments present, in segment order, when the
         caller has them already; measured here when None.
@@ -389,6 +393,7 @@ def build_sr(
         device_serial_number,
         series_description,
         sop_instance_uid,
+        instance_number,
     )
     return sr, measurements
 

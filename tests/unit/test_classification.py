@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from pydicom import dcmread
 
-from models.base import ClassificationModel, InputKindValues
+from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.network import BUNDLES_DIR, network_model_class
 from models.registry import get_model, get_model_class
 from models.spec import SPEC_FILE, ModelSpecError
@@ -244,3 +244,28 @@ def test_dropped_into_models_folder_runs_by_name(
         assert probability == pytest.approx(reported["probability"], rel=1e-9)
         assert verdict == ("present" if reported["probability"] >= 0.4 else "absent")
     assert dciodvfy_errors(result["files"][0]) == []
+
+
+def test_segmentation_network_with_too_few_channels_fails_clearly(tmp_path: Path) -> None:
+    """One output channel cannot hold label 1 (channel 0 is background): the job's input
+    is not to blame, but the model says so instead of reporting everything absent."""
+    folder = tmp_path / "one-channel"
+    folder.mkdir()
+    torch.jit.save(torch.jit.script(torch.nn.Conv3d(1, 1, 1)), str(folder / "model.ts"))
+    (folder / SPEC_FILE).write_text(
+        "version: '1'\ntask: segmentation\ninference: {roi_size: [8, 16, 16]}\n"
+        "labels: {1: {name: Liver, category: {value: '123037004', meaning: Anatomical "
+        "Structure}, property_type: {value: '10200004', meaning: Liver}}}\n"
+    )
+    phantom = chest_phantom(shape=(8, 64, 64), spacing_mm=(5.0, 3.0, 3.0))
+    write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
+    volume = load_series(sorted((tmp_path / "ct").glob("*.dcm"))).volume
+    model = network_model_class(folder)()
+    assert isinstance(model, SegmentationModel)
+    with pytest.raises(ModelError, match="returned 1 output channels; its labels up to 1 need"):
+        model.predict(volume)
+    (folder / SPEC_FILE).write_text((folder / SPEC_FILE).read_text().replace("{1: {", "{300: {"))
+    with pytest.raises(
+        ModelSpecError, match=r"labels\.300: every label needs a value from 1 to 255"
+    ):
+        read_torchscript_model(folder)

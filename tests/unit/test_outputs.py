@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -134,3 +135,42 @@ def test_empty_result_is_delivered_as_absent_findings(
     for path in result["files"]:
         if "labelmap" not in path:  # the label-map pair: dciodvfy predates its IOD
             assert dciodvfy_errors(path) == [], path
+
+
+def test_the_request_carries_each_destinations_profile_through_json() -> None:
+    """The worker echoes the request; the node delivers by it even if config.yaml changed."""
+    request = OutputRequest.for_destinations({"viewer": MODERN, "old": OLD}, notice="X")
+    echoed = OutputRequest.model_validate(json.loads(json.dumps(request.model_dump(mode="json"))))
+    assert echoed == request
+    assert echoed.destinations["viewer"].select(WRITTEN, empty_result=False) == [
+        "seg-labelmap.dcm",
+        "sr-labelmap.dcm",
+    ]
+    assert OutputRequest.for_destinations({}).seg_variants == (DEFAULT_SEG,)
+
+
+def test_a_misplaced_seg_leaves_nothing_to_send(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second SEG fails the placement check: the job fails and every file it wrote
+    (the first SEG and its SR included) is gone."""
+    from workers import pipeline
+    from workers.seg_check import SegPlacementError
+
+    def fail_labelmap(path: Path, series: object) -> None:
+        if "labelmap" in path.name:
+            raise SegPlacementError("frame 3 is 1.000 mm from its source slice")
+
+    monkeypatch.setattr(pipeline, "check_seg_placement", fail_labelmap)
+    phantom = chest_phantom(shape=(8, 64, 64), spacing_mm=(5.0, 3.0, 3.0))
+    write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
+    result = run_job(
+        job_id=3,
+        model_name="ct-tissue",
+        series_dir=tmp_path / "ct",
+        output_dir=tmp_path / "out",
+        outputs=OutputRequest.for_profiles([OutputProfile(), MODERN]),
+    )
+    assert result["status"] == "failed"
+    assert "seg-labelmap.dcm: frame 3 is 1.000 mm" in result["reason"]
+    assert list((tmp_path / "out").iterdir()) == []
