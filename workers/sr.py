@@ -28,6 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from models.base import ClassificationModel, Model, SegmentationModel
+from workers.label_passes import label_sums
 from workers.seg import (
     MANUFACTURER,
     SegmentInfo,
@@ -65,7 +66,6 @@ PROBABILITY_CONCEPT = codes.DCM.Probability  # DCM 122157
 PRESENT = codes.SCT.Present  # SCT 52101004
 ABSENT = codes.SCT.Absent  # SCT 272519000
 _IMAGING_PROCEDURE = codes.SCT.ImagingProcedure  # SCT 363679005
-_SLAB_SLICES = 64
 
 
 @dataclass(frozen=True)
@@ -138,25 +138,12 @@ def measure_segments(
         raise ValueError(
             f"label_map must have the volume's shape {voxels.shape}. Found {label_map.shape}."
         )
-    values = sorted({info.label_value for info in segments})
-    counts = dict.fromkeys(values, 0)
-    sums = dict.fromkeys(values, 0.0)
-    squares = dict.fromkeys(values, 0.0)
-    # Gather each label's voxels in slabs: several times faster than weighted bincounts
-    # over the whole map, and the float64 copies stay small for large volumes.
-    for start in range(0, voxels.shape[0], _SLAB_SLICES):
-        labels = label_map[start : start + _SLAB_SLICES]
-        slab = voxels[start : start + _SLAB_SLICES]
-        for value in values:
-            inside = slab[labels == value].astype(np.float64)
-            counts[value] += inside.size
-            sums[value] += float(inside.sum())
-            squares[value] += float(np.dot(inside, inside))
+    totals = label_sums(label_map, voxels, sorted({info.label_value for info in segments}))
     voxel_ml = series.volume.voxel_volume_ml
     result = []
     for info in segments:
         value = info.label_value
-        count = counts[value]
+        count, total, squares = totals[value]
         if count == 0:
             raise ValueError(
                 f"segment {info.segment_number} ({info.name!r}) has label value {value}, "
@@ -169,8 +156,8 @@ def measure_segments(
                 segment_number=info.segment_number,
                 voxel_count=count,
                 volume_ml=count * voxel_ml,
-                mean=sums[value] / count,
-                std=float(np.sqrt(max(0.0, squares[value] / count - (sums[value] / count) ** 2))),
+                mean=total / count,
+                std=float(np.sqrt(max(0.0, squares / count - (total / count) ** 2))),
             )
         )
     return result
