@@ -27,7 +27,7 @@ from workers.seg import MANUFACTURER, SegmentInfo, pacsnode_version
 from workers.series import LoadedSeries
 from workers.uids import ResultUids
 
-__all__ = ["KeyImage", "build_overlay_images", "key_images", "render_key_image"]
+__all__ = ["KeyImage", "build_overlay_images", "key_images"]
 
 logger = logging.getLogger(__name__)
 
@@ -107,27 +107,6 @@ def _draw(
         rgb=np.asarray(image, dtype=np.uint8),
         legend_size=legend_size,
     )
-
-
-def render_key_image(
-    series: LoadedSeries,
-    label_map: npt.NDArray[np.integer],
-    segment: SegmentInfo,
-    *,
-    volume_ml: float | None = None,
-    notice: str = "",
-) -> KeyImage:
-    """The key image of one segment: its largest cross-section, outlined.
-
-    Raises
-    ------
-    ValueError
-        If the segment's label does not occur in ``label_map``.
-    """
-    areas = slice_areas(label_map, [segment.label_value])[segment.label_value]
-    if not areas.any():
-        raise ValueError(f"segment {segment.name!r} does not occur in the label map")
-    return _draw(series, label_map, segment, int(np.argmax(areas)), volume_ml, notice)
 
 
 def key_images(
