@@ -257,15 +257,8 @@ def write_unet_bundle(
         yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True)), encoding="utf-8"
     )
     torch.manual_seed(UNET_SEED)
-    net = UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=2,
-        channels=UNET_CHANNELS,
-        strides=UNET_STRIDES,
-        num_res_units=2,
-    )
-    torch.save(net.state_dict(), path / WEIGHTS_FILE)
+    arguments = {k: v for k, v in unet_network_def().items() if k != "_target_"}
+    torch.save(UNet(**arguments).state_dict(), path / WEIGHTS_FILE)
     return path
 
 
@@ -559,18 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             unet_class = network_model_class(unet_path)
             unet_model = unet_class()
             assert isinstance(unet_model, SegmentationModel)
-            unet_stock = UNet(
-                spatial_dims=3,
-                in_channels=1,
-                out_channels=2,
-                channels=UNET_CHANNELS,
-                strides=UNET_STRIDES,
-                num_res_units=2,
-            )
-            unet_stock.load_state_dict(
-                torch.load(unet_path / WEIGHTS_FILE, map_location=device, weights_only=True)
-            )
-            unet_stock = unet_stock.to(device).eval()
+            unet_stock = stock_bundle_network(unet_path, device)
             unet_rows, unet_agreement = compare(
                 "unet", unet_stock, unet_model, volume, unet_settings, device, args.repeat
             )

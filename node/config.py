@@ -103,6 +103,13 @@ class Destination(OutputProfile):
     host: str
     port: Port
 
+    @property
+    def profile(self) -> OutputProfile:
+        """What this destination receives, without where it is."""
+        return OutputProfile.model_validate(
+            self.model_dump(include=set(OutputProfile.model_fields))
+        )
+
 
 class ResultSettings(_Frozen):
     """What every result object shares.

@@ -92,12 +92,9 @@ class Dispatcher:
         """What the worker writes and each destination receives, from config.yaml now; a
         destination no longer in config.yaml gets the default profile (the sender then
         reports it as unknown)."""
+        destinations = self.config.destinations
         profiles = {
-            name: OutputProfile.model_validate(
-                self.config.destinations[name].model_dump(include=set(OutputProfile.model_fields))
-            )
-            if name in self.config.destinations
-            else OutputProfile()
+            name: destinations[name].profile if name in destinations else OutputProfile()
             for name in job.destinations
         }
         return OutputRequest.for_destinations(profiles, **self.config.results.model_dump())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -307,6 +307,26 @@ class _SeriesIdentity:
     date: str
     time: str
 
+    @classmethod
+    def new(
+        cls,
+        *,
+        study_instance_uid: str | None,
+        series_instance_uid: str | None,
+        frame_of_reference_uid: str | None,
+        **fields: Any,
+    ) -> _SeriesIdentity:
+        """An identity dated now, with new UIDs where None is given."""
+        now = datetime.now()
+        return cls(
+            study_instance_uid=study_instance_uid or generate_uid(),
+            series_instance_uid=series_instance_uid or generate_uid(),
+            frame_of_reference_uid=frame_of_reference_uid or generate_uid(),
+            date=now.strftime("%Y%m%d"),
+            time=now.strftime("%H%M%S"),
+            **fields,
+        )
+
 
 def _slice_dataset(
     series: _SeriesIdentity,
@@ -469,26 +489,19 @@ def write_ct_series(
         )
     pixels = stored.astype(dtype)
 
-    study_uid = study_instance_uid or generate_uid()
-    series_uid = series_instance_uid or generate_uid()
-    for_uid = frame_of_reference_uid or generate_uid()
-    now = datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    identity = _SeriesIdentity(
+    identity = _SeriesIdentity.new(
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        frame_of_reference_uid=frame_of_reference_uid,
         patient_name=patient_name,
         patient_id=patient_id,
         patient_sex="O",
-        study_instance_uid=study_uid,
         study_description="Synthetic study",
-        series_instance_uid=series_uid,
         series_number=series_number,
         series_description=series_description,
-        frame_of_reference_uid=for_uid,
         modality=modality,
         body_part="CHEST",
         patient_position="FFS" if feet_first else "HFS",
-        date=date,
-        time=time,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -720,27 +733,20 @@ def write_mr_series_from_nifti(
         intercept = low - float(info.min) * slope
     pixels = np.clip(np.round((values - intercept) / slope), info.min, info.max).astype(dtype)
 
-    study_uid = study_instance_uid or generate_uid()
-    series_uid = series_instance_uid or generate_uid()
-    for_uid = frame_of_reference_uid or generate_uid()
-    now = datetime.now()
-    date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     window_low, window_high = np.percentile(values, [1.0, 99.5])
-    identity = _SeriesIdentity(
+    identity = _SeriesIdentity.new(
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=series_instance_uid,
+        frame_of_reference_uid=frame_of_reference_uid,
         patient_name=patient_name,
         patient_id=patient_id,
         patient_sex="M",
-        study_instance_uid=study_uid,
         study_description="MR head",
-        series_instance_uid=series_uid,
         series_number=series_number,
         series_description=series_description,
-        frame_of_reference_uid=for_uid,
         modality="MR",
         body_part="HEAD",
         patient_position="HFS",
-        date=date,
-        time=time,
     )
 
     out_dir.mkdir(parents=True, exist_ok=True)

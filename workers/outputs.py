@@ -26,7 +26,6 @@ __all__ = [
     "OutputProfile",
     "OutputRequest",
     "SegVariant",
-    "seg_file_name",
 ]
 
 SR_FILE = "sr.dcm"
@@ -46,8 +45,14 @@ class SegVariant(_Frozen):
     omit_empty_frames: bool
 
     @property
+    def name(self) -> str:
+        """``binary``, ``binary-all-frames``, ``labelmap``, ``labelmap-all-frames``."""
+        return f"{self.seg_type}{'' if self.omit_empty_frames else '-all-frames'}"
+
+    @property
     def file_name(self) -> str:
-        return seg_file_name(self.seg_type, self.omit_empty_frames)
+        """``seg-binary.dcm``, ``seg-labelmap-all-frames.dcm``, ..."""
+        return f"seg-{self.name}.dcm"
 
     @property
     def instance_number(self) -> int:
@@ -59,14 +64,7 @@ class SegVariant(_Frozen):
     def sr_file_name(self) -> str:
         """The SR that references this SEG: ``sr.dcm`` for :data:`DEFAULT_SEG`, else
         e.g. ``sr-labelmap.dcm``."""
-        if self == DEFAULT_SEG:
-            return SR_FILE
-        return "sr-" + self.file_name.removeprefix("seg-")
-
-
-def seg_file_name(seg_type: SegType, omit_empty_frames: bool) -> str:
-    """``seg-binary.dcm``, ``seg-labelmap-all-frames.dcm``, ..."""
-    return f"seg-{seg_type}{'' if omit_empty_frames else '-all-frames'}.dcm"
+        return SR_FILE if self == DEFAULT_SEG else f"sr-{self.name}.dcm"
 
 
 DEFAULT_SEG = SegVariant(seg_type="binary", omit_empty_frames=True)

@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from models.base import Code, LabelSpec, SegmentationModel
 from workers.dicom_encoding import prepare_fast_write
 from workers.label_passes import label_counts
-from workers.outputs import SegVariant
+from workers.outputs import DEFAULT_SEG, SegVariant
 from workers.series import LoadedSeries
 from workers.uids import ResultUids
 
@@ -162,14 +162,16 @@ def _check_inputs(series: LoadedSeries, label_map: npt.NDArray[np.integer]) -> N
 
 
 def _derive_dimension_organization_uid(
-    seg: hd.seg.Segmentation, uids: ResultUids, variant: str
+    seg: hd.seg.Segmentation, uids: ResultUids, variant: SegVariant
 ) -> None:
     """Replace highdicom's random DimensionOrganizationUID by one derived from the job.
 
     highdicom draws a fresh UID per build; a re-run must write the same object, so every
     occurrence (the organization item and each dimension index) gets the derived UID.
     """
-    derived = uids.derive("dimension-organization", *([] if variant == "binary" else [variant]))
+    derived = uids.derive(
+        "dimension-organization", *([] if variant == DEFAULT_SEG else [variant.name])
+    )
     for item in seg.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = derived
     for item in seg.get("DimensionIndexSequence", []):
@@ -266,8 +268,7 @@ def build_seg(
                 lut[info.label_value] = info.segment_number
         pixel_array = lut[label_map]
 
-    canonical = seg_type == "binary" and omit_empty_frames
-    variant = f"{seg_type}{'' if omit_empty_frames else '-all-frames'}"
+    variant = SegVariant(seg_type=seg_type, omit_empty_frames=omit_empty_frames)
     seg = hd.seg.Segmentation(
         source_images=list(series.datasets),
         pixel_array=pixel_array,
@@ -280,11 +281,11 @@ def build_seg(
         series_instance_uid=uids.seg_series_instance_uid,
         series_number=series_number,
         sop_instance_uid=(
-            uids.seg_sop_instance_uid if canonical else uids.derive("seg-instance", variant)
+            uids.seg_sop_instance_uid
+            if variant == DEFAULT_SEG
+            else uids.derive("seg-instance", variant.name)
         ),
-        instance_number=SegVariant(
-            seg_type=seg_type, omit_empty_frames=omit_empty_frames
-        ).instance_number,
+        instance_number=variant.instance_number,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),
@@ -300,7 +301,7 @@ def build_seg(
         prepare_fast_write(seg, "PerFrameFunctionalGroupsSequence")
     logger.info(
         "built %s SEG with %d segments, %d frames for model %s %s",
-        variant,
+        variant.name,
         len(segments),
         int(seg.NumberOfFrames),
         model.name,

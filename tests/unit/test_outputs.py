@@ -81,6 +81,7 @@ def test_config_destinations_carry_profiles() -> None:
         }
     )
     assert config.destinations["viewer"].seg_variant == MODERN.seg_variant
+    assert config.destinations["viewer"].profile == MODERN
     assert (config.destinations["old"].seg, config.destinations["old"].sr) == ("none", True)
     with pytest.raises(ValueError, match=r"series_description may use only \{model\} and \{kind\}"):
         Config.model_validate({"results": {"series_description": "{modality}"}})
