@@ -29,6 +29,7 @@ from node.spool import Spool
 from node.state import StateDB
 from workers.celery_app import app as celery_app
 from workers.celery_app import configure as configure_celery
+from workers.contract import file_digest
 
 __all__ = ["Node", "recover_spool"]
 
@@ -38,19 +39,23 @@ _TICK_SECONDS = 0.5
 _RECOVERED_FROM = "(recovered)"
 
 
-def recover_spool(spool: Spool, db: StateDB) -> int:
+def recover_spool(spool: Spool, db: StateDB, *, rerun_late: bool = True) -> int:
     """Record instances that reached the spool but not the DB (a crash between the two).
 
-    Their peers got no Success and may send them again; keeping them is harmless.
+    Their peers got no Success and may send them again; keeping them is harmless (an
+    identical re-send is then a duplicate). A file of an instance the DB already knows is
+    an older or a not-yet-recorded copy (a re-send with other bytes); the DB's record
+    stands, and the peer, which got no Success for the newer one, sends it again.
     """
     spool.clean_incoming()
-    known = db.known_instance_paths()
+    known = db.known_sop_instance_uids()
     recovered = 0
     for instance in spool.scan():
-        if str(instance.path) in known:
+        if instance.sop_instance_uid in known:
             continue
         try:
             sop_class_uid = str(dcmread(instance.path, stop_before_pixels=True).SOPClassUID)
+            size, sha256 = file_digest(instance.path)
         except (OSError, ValueError, EOFError, AttributeError, InvalidDicomError) as exc:
             logger.warning("spooled file %s is unreadable: %s", instance.path, exc)
             continue
@@ -61,7 +66,11 @@ def recover_spool(spool: Spool, db: StateDB) -> int:
             study_instance_uid=instance.study_instance_uid,
             calling_ae_title=_RECOVERED_FROM,
             path=instance.path,
+            size=size,
+            sha256=sha256,
+            rerun_late=rerun_late,
         )
+        known.add(instance.sop_instance_uid)
         recovered += 1
     if recovered:
         logger.warning("recorded %d spooled instances the state DB had missed", recovered)
@@ -83,6 +92,7 @@ class Node:
         self.config = config
         self.config_path = config_path.resolve()
         self.stopping = threading.Event()
+        self.rerun_late = config.completion.late == "rerun"
         data_dir = config.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         self.db = StateDB(data_dir / "state.db")
@@ -102,7 +112,7 @@ class Node:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         logger.info("effective configuration: %s", self.config.redacted())
-        recover_spool(self.spool, self.db)
+        recover_spool(self.spool, self.db, rerun_late=self.rerun_late)
         if self.redis is not None:
             self.redis.start()
         if self.worker is not None:
@@ -130,7 +140,7 @@ class Node:
     def _tick(self) -> None:
         try:
             mark_quiet_series_complete(self.db, self.config.completion.quiet_seconds)
-            route_complete_studies(self.db, self.config.rules)
+            route_complete_studies(self.db, self.config.rules, rerun_late=self.rerun_late)
             if self.worker is not None and self.worker.check():
                 self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
             self.dispatcher.dispatch_pending()

@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from node.state import StateDB
 
 __all__ = ["main"]
 
@@ -104,21 +110,39 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _read_state(config: Config) -> StateDB | None:
+    """The node's state DB opened for reading only, or None (the reason on stderr)."""
+    from node.state import StateDB, StateDBError
+
+    path = config.node.data_dir / "state.db"
+    if not path.is_file():
+        sys.stderr.write(f"no state DB at {path}: this node has received nothing yet\n")
+        return None
+    try:
+        return StateDB(path, read_only=True)
+    except (StateDBError, sqlite3.Error) as exc:
+        sys.stderr.write(f"cannot read the state DB {path}: {exc}\n")
+        return None
+
+
 def _cmd_jobs(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_BAD_CONFIG
-    from node.state import StateDB
-
-    db = StateDB(config.node.data_dir / "state.db")
+    db = _read_state(config)
+    if db is None:
+        return EXIT_FAILED
     jobs = db.jobs()
-    _out(f"{'JOB':>5}  {'STATE':<13}  {'MODEL':<14}  {'UPDATED':<19}  SERIES / REASON")
+    _out(f"{'JOB':>5}  {'REV':>3}  {'STATE':<13}  {'MODEL':<14}  {'UPDATED':<19}  SERIES / REASON")
     for job in jobs:
         updated = datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")
+        revision = str(job.revision) if job.revision is not None else "-"
+        notes = [f"reason: {job.reason}"] if job.reason else []
+        if job.superseded_by is not None:
+            notes.append(f"replaced by job {job.superseded_by} (newer input)")
         _out(
-            f"{job.id:>5}  {job.state:<13}  {job.model:<14}  {updated:<19}  "
-            f"{job.series_instance_uid}"
-            + (f"\n{'':>5}  reason: {job.reason}" if job.reason else "")
+            f"{job.id:>5}  {revision:>3}  {job.state:<13}  {job.model:<14}  {updated:<19}  "
+            f"{job.series_instance_uid}" + "".join(f"\n{'':>5}  {note}" for note in notes)
         )
     if not jobs:
         _out("(no jobs yet)")
@@ -148,11 +172,12 @@ def _cmd_render(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EXIT_BAD_CONFIG
-    from node.dispatch import results_dir, series_dir
-    from node.state import StateDB
+    from node.dispatch import results_dir
     from workers.render import RenderError, render_job
 
-    db = StateDB(config.node.data_dir / "state.db")
+    db = _read_state(config)
+    if db is None:
+        return EXIT_FAILED
     job = db.job(args.job)
     db.close()
     if job is None:
@@ -160,7 +185,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     try:
         files = render_job(
-            series_dir(config.node.data_dir, job),
+            job.source_paths,
             results_dir(config.node.data_dir, job.id),
             args.out,
             config.results.notice,
@@ -190,6 +215,71 @@ def _cmd_echo(args: argparse.Namespace) -> int:
         sys.stderr.write(f"C-ECHO to {args.destination} ({where}) failed: {failure}\n")
         return EXIT_FAILED
     _out(f"C-ECHO to {args.destination} ({where}): success")
+    return EXIT_OK
+
+
+def _duration(text: str) -> str:
+    """``text`` if it is a duration (a usage error otherwise); the handler converts it."""
+    from node.rules_check import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
+
+
+def _cmd_rules_test(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.rules_check import (
+        build_report,
+        format_report,
+        parse_duration,
+        studies_from_db,
+        studies_from_files,
+    )
+
+    if args.paths:
+        missing = [str(path) for path in args.paths if not path.exists()]
+        if missing:
+            sys.stderr.write(f"no such file or folder: {', '.join(missing)}\n")
+            return EXIT_FAILED
+        studies, passed_over = studies_from_files(args.paths)
+        if passed_over:
+            files = "1 file" if passed_over == 1 else f"{passed_over} files"
+            sys.stderr.write(f"passed over {files}: not DICOM, or no study or series UID\n")
+        if not studies:
+            where = ", ".join(str(path) for path in args.paths)
+            sys.stderr.write(f"no DICOM series found in {where}\n")
+            return EXIT_FAILED
+    else:
+        db_path = config.node.data_dir / "state.db"
+        db = _read_state(config)
+        if db is None:
+            return EXIT_FAILED
+        try:
+            if args.study is not None:
+                uids = [args.study]
+            else:
+                uids = db.studies_received_since(time.time() - parse_duration(args.since))
+            studies = studies_from_db(db, uids)
+        finally:
+            db.close()
+        if not studies:
+            what = (
+                f"no study {args.study} in {db_path}"
+                if args.study is not None
+                else f"no study received in the last {args.since} ({db_path})"
+            )
+            sys.stderr.write(what + "\n")
+            return EXIT_FAILED
+    for index, study in enumerate(studies):
+        if index:
+            _out("")
+        for line in format_report(build_report(study, config.rules)):
+            _out(line)
     return EXIT_OK
 
 
@@ -224,6 +314,32 @@ def _parser() -> argparse.ArgumentParser:
     echo = with_config("echo", "C-ECHO a configured destination")
     echo.add_argument("destination")
     echo.set_defaults(handler=_cmd_echo)
+    rules = commands.add_parser("rules", help="try the rules without changing anything")
+    rules_commands = rules.add_subparsers(dest="rules_command", required=True)
+    rules_test = rules_commands.add_parser(
+        "test",
+        help="which rules match each series, why the others do not, which models would run",
+        description="A dry run of the rules on received studies or on DICOM files; "
+        "changes nothing. Exit 1 when nothing is found.",
+    )
+    rules_test.add_argument("--config", type=Path, default=default_config, help="config file")
+    source = rules_test.add_mutually_exclusive_group(required=True)
+    source.add_argument("--study", metavar="UID", help="a received study (Study Instance UID)")
+    source.add_argument(
+        "--since",
+        type=_duration,
+        metavar="DURATION",
+        help="studies received in the last DURATION (90s, 30m, 2h, 1d)",
+    )
+    source.add_argument(
+        "paths",
+        nargs="*",
+        type=Path,
+        default=[],
+        metavar="PATH",
+        help="DICOM files or folders (searched recursively)",
+    )
+    rules_test.set_defaults(handler=_cmd_rules_test)
     return parser
 
 

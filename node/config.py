@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -80,6 +80,9 @@ class Peer(_Frozen):
 
     ae_title: AETitle
     host: str
+    complete_on_release: bool = False
+    """The peer sends whole studies in one association (a PACS or router): when it
+    releases the association normally, every series it carried is complete at once."""
 
     @field_validator("host")
     @classmethod
@@ -102,6 +105,10 @@ class Destination(OutputProfile):
     ae_title: AETitle
     host: str
     port: Port
+    supersede: Literal["none", "rejection_note"] = "none"
+    """When a new version of a job's results replaces one this destination received:
+    ``none`` sends only the new version; ``rejection_note`` also sends an IHE IOCM
+    rejection note (KOS, "Rejected for Quality Reasons") listing the old objects."""
 
     @property
     def profile(self) -> OutputProfile:
@@ -124,6 +131,7 @@ class ResultSettings(_Frozen):
     seg_series_number: int = Field(default=901, ge=1)
     sr_series_number: int = Field(default=902, ge=1)
     overlay_series_number: int = Field(default=903, ge=1)
+    rejection_series_number: int = Field(default=904, ge=1)
 
     @field_validator("series_description")
     @classmethod
@@ -138,9 +146,16 @@ class ResultSettings(_Frozen):
 
 
 class Completion(_Frozen):
-    """When a series counts as complete."""
+    """When a series counts as complete, and what data arriving after that does.
+
+    ``late: rerun``: instances or series that arrive after their study was routed
+    re-open it; after the quiet period the study is routed again as a whole and a job
+    whose input changed runs again as a new version. ``late: keep``: late instances are
+    kept and counted but not processed, and a late series is routed on its own.
+    """
 
     quiet_seconds: float = Field(default=10.0, gt=0)
+    late: Literal["rerun", "keep"] = "rerun"
 
 
 class Delivery(_Frozen):

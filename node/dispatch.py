@@ -1,7 +1,9 @@
 """Dispatch jobs to Celery and collect what the workers report.
 
-The node sends ids and paths, never datasets; it learns the outcome from the result
-backend and turns it into one state change per job.
+The node sends each job's :class:`workers.contract.JobRequest` (its manifest, what to
+write, the version it replaces), never datasets and never a folder to look into; it
+stores the request as sent and turns the worker's :class:`workers.contract.JobOutcome`
+into one state change per job.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ from typing import Any
 
 from celery import Celery
 from celery.result import AsyncResult
+from pydantic import ValidationError
 
 from models.registry import get_model_class
 from node.config import Config
 from node.state import Job, JobStateValues, StateDB
+from workers.contract import (
+    RUN_MODEL,
+    JobOutcome,
+    JobRequest,
+    Manifest,
+    Predecessor,
+    ResultInstance,
+)
 from workers.outputs import OutputProfile, OutputRequest
-from workers.tasks import RUN_MODEL
 
 __all__ = ["Dispatcher", "results_dir"]
 
@@ -28,11 +38,6 @@ logger = logging.getLogger(__name__)
 def results_dir(data_dir: Path, job_id: int) -> Path:
     """Where a job's worker writes its output files."""
     return data_dir / "results" / f"job-{job_id}"
-
-
-def series_dir(data_dir: Path, job: Job) -> Path:
-    """Where the spool keeps the instances of a job's series."""
-    return data_dir / "spool" / job.study_instance_uid / job.series_instance_uid
 
 
 class Dispatcher:
@@ -54,7 +59,13 @@ class Dispatcher:
         self.app = celery_app
 
     def dispatch_pending(self) -> int:
-        """Send every pending job to its model's queue; returns how many were sent."""
+        """Send every pending job to its model's queue; returns how many were sent.
+
+        A job waits while an earlier version of its lineage may still produce results,
+        so that it knows which results it replaces. A job dispatched before (requeued
+        after a restart or a lost worker) is sent with the request it had, so it writes
+        the same objects.
+        """
         sent = 0
         for job in self.db.jobs([JobStateValues.PENDING]):
             if job.attempts >= self.config.worker.max_attempts:
@@ -64,29 +75,64 @@ class Dispatcher:
                     + (f"; last: {job.reason}" if job.reason else ""),
                 )
                 continue
+            if job.manifest is None:
+                self.db.mark_job_failed(job.id, "the job has no input recorded")
+                continue
+            if self.db.earlier_version_unsettled(job):
+                continue
             try:
                 queue = get_model_class(job.model).queue
             except KeyError as exc:
                 self.db.mark_job_failed(job.id, str(exc))
                 continue
-            source = series_dir(self.config.node.data_dir, job)
+            request = job.request or self.request_for(job, job.manifest)
             result = self.app.send_task(
-                RUN_MODEL,
-                kwargs={
-                    "job_id": job.id,
-                    "model": job.model,
-                    "series_dir": str(source),
-                    "output_dir": str(results_dir(self.config.node.data_dir, job.id)),
-                    "outputs": self._outputs(job).model_dump(mode="json"),
-                },
-                queue=queue,
+                RUN_MODEL, kwargs={"request": request.model_dump(mode="json")}, queue=queue
             )
-            self.db.mark_job_queued(job.id, result.id)
+            self.db.mark_job_queued(job.id, result.id, request)
             logger.info(
-                "job %d (%s) queued on %s", job.id, job.model, queue, extra={"job_id": job.id}
+                "job %d (%s, rev %d) queued on %s",
+                job.id,
+                job.model,
+                request.revision,
+                queue,
+                extra={"job_id": job.id},
             )
             sent += 1
         return sent
+
+    def request_for(self, job: Job, manifest: Manifest) -> JobRequest:
+        """The job's request: its manifest, what to write (config.yaml now), and the
+        version it replaces, if any, with what each destination holds of it."""
+        previous = self.db.previous_results(job)
+        predecessor = None
+        rejections: dict[str, tuple[ResultInstance, ...]] = {}
+        if previous is not None and previous.result is not None:
+            revision = previous.revision or 1
+            predecessor = Predecessor(
+                job_id=previous.id, revision=revision, reports=previous.result.reports
+            )
+            notes = set(previous.result.rejection_notes.values())
+            for name in job.destinations:
+                destination = self.config.destinations.get(name)
+                if destination is None or destination.supersede != "rejection_note":
+                    continue
+                held = {str(path) for path in self.db.delivered_paths(previous.id, name)}
+                rejected = tuple(
+                    f for f in previous.result.files if f.path in held and f.name not in notes
+                )
+                if rejected:
+                    rejections[name] = rejected
+        return JobRequest(
+            job_id=job.id,
+            model=job.model,
+            manifest=manifest,
+            output_dir=str(results_dir(self.config.node.data_dir, job.id)),
+            outputs=self._outputs(job),
+            revision=predecessor.revision + 1 if predecessor is not None else 1,
+            predecessor=predecessor,
+            rejections=rejections,
+        )
 
     def _outputs(self, job: Job) -> OutputRequest:
         """What the worker writes and each destination receives, from config.yaml now; a
@@ -128,31 +174,25 @@ class Dispatcher:
                     "(worker presumed lost)",
                 )
 
-    def _record_success(self, job: Job, outcome: Any) -> None:
-        if not isinstance(outcome, dict) or outcome.get("status") not in {"ok", "failed"}:
-            self.db.mark_job_failed(job.id, f"worker returned an unexpected result: {outcome!r}")
+    def _record_success(self, job: Job, returned: Any) -> None:
+        try:
+            outcome = JobOutcome.model_validate(returned)
+        except ValidationError as exc:
+            self.db.mark_job_failed(job.id, f"worker returned an unexpected result: {exc}")
             return
-        if outcome["status"] == "failed":
-            self.db.mark_job_failed(job.id, str(outcome.get("reason", "no reason given")))
+        if outcome.status == "failed":
+            self.db.mark_job_failed(job.id, outcome.reason or "no reason given")
             return
-        files = [Path(path) for path in outcome["files"]]
-        empty = bool(outcome.get("empty", False))
-        # The profiles the worker wrote for (config.yaml may have changed since dispatch).
-        request = (
-            OutputRequest.model_validate(outcome["outputs"])
-            if "outputs" in outcome
-            else self._outputs(job)
-        )
-        by_name = {path.name: path for path in files}
-        deliveries = {
-            name: [
-                by_name[f]
-                for f in request.destinations.get(name, OutputProfile()).select(
-                    list(by_name), empty_result=empty
-                )
-            ]
-            for name in job.destinations
-        }
+        # The request as dispatched (config.yaml may have changed since).
+        request = job.request.outputs if job.request is not None else self._outputs(job)
+        by_name = {f.name: Path(f.path) for f in outcome.files}
+        deliveries = {}
+        for name in job.destinations:
+            profile = request.destinations.get(name, OutputProfile())
+            chosen = profile.select(list(by_name), empty_result=outcome.empty)
+            if name in outcome.rejection_notes:
+                chosen.append(outcome.rejection_notes[name])  # after the new version
+            deliveries[name] = [by_name[f] for f in chosen]
         if self.db.record_results(job.id, outcome, deliveries):
             logger.info("job %d results ready", job.id, extra={"job_id": job.id})
 

@@ -2,6 +2,8 @@
 
 A C-STORE handler only validates, writes the received bytes to the spool and records
 them; it never decodes pixel data and never runs a model (STYLE.md "Architecture").
+A peer flagged ``complete_on_release`` completes every series it sent when it releases
+the association (:class:`CompletionOnRelease`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import ipaddress
 import logging
 import sqlite3
 import struct
+import threading
 import zlib
 from io import BytesIO
 from typing import Any, cast
@@ -21,14 +24,15 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.events import Event
 
-from node.config import Config
+from node.config import Config, Peer
 from node.spool import InvalidUIDError, Spool, check_uid
-from node.state import StateDB
+from node.state import ReceiptValues, StateDB
 
 __all__ = [
     "CANNOT_UNDERSTAND",
     "OUT_OF_RESOURCES",
     "SUCCESS",
+    "CompletionOnRelease",
     "handle_association_request",
     "handle_echo",
     "handle_store",
@@ -56,13 +60,13 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
-def handle_association_request(event: Event, config: Config) -> None:
-    """Reject associations from peers that config.yaml does not list (AE title + host)."""
-    if config.accept_unknown_peers:
-        return
+def _calling_peer(event: Event, config: Config) -> tuple[str, str, Peer | None]:
+    """The calling AE title, its address, and the peer entry that both match."""
     assoc = event.assoc
     primitive = assoc.requestor.primitive
     calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
+    if not calling_ae:
+        calling_ae = str(assoc.requestor.ae_title).strip()
     host = assoc.requestor.address
     try:
         address = ipaddress.ip_address(host)
@@ -70,7 +74,79 @@ def handle_association_request(event: Event, config: Config) -> None:
         address = None
     for peer in config.peers:
         if peer.ae_title == calling_ae and address == ipaddress.ip_address(peer.host):
-            return
+            return calling_ae, host, peer
+    return calling_ae, host, None
+
+
+class CompletionOnRelease:
+    """Completes the series a ``complete_on_release`` peer sent when it releases the
+    association normally; an aborted association completes nothing (its series
+    complete by the quiet period, as any other).
+
+    Parameters
+    ----------
+    config
+        The peers and which of them are flagged.
+    db
+        Where series are marked complete.
+    """
+
+    def __init__(self, config: Config, db: StateDB) -> None:
+        self.config = config
+        self.db = db
+        self._lock = threading.Lock()
+        self._carried: dict[int, set[str]] = {}
+
+    def watch(self, event: Event) -> None:
+        """EVT_ACCEPTED: start collecting the series of a flagged peer's association."""
+        _, _, peer = _calling_peer(event, self.config)
+        if peer is not None and peer.complete_on_release:
+            with self._lock:
+                self._carried[id(event.assoc)] = set()
+
+    def carried(self, event: Event, series_instance_uid: str) -> None:
+        """After a C-STORE was recorded: its series belongs to this association."""
+        with self._lock:
+            series = self._carried.get(id(event.assoc))
+            if series is not None:
+                series.add(series_instance_uid)
+
+    def released(self, event: Event) -> None:
+        """EVT_RELEASED: the peer said it is done; its series are complete."""
+        with self._lock:
+            series = self._carried.pop(id(event.assoc), set())
+        ae_title = event.assoc.requestor.ae_title.strip()
+        for uid in sorted(series):
+            if self.db.mark_series_complete(uid):
+                logger.info(
+                    "series %s complete: %s released its association",
+                    uid,
+                    ae_title,
+                    extra={"series_instance_uid": uid},
+                )
+
+    def ended(self, event: Event) -> None:
+        """EVT_ABORTED or EVT_CONN_CLOSE: forget the association; series it carried and
+        that a release did not complete wait for the quiet period."""
+        with self._lock:
+            series = self._carried.pop(id(event.assoc), None)
+        if series:
+            logger.warning(
+                "association from %s ended without a release; its %d series complete "
+                "by the quiet period",
+                event.assoc.requestor.ae_title.strip(),
+                len(series),
+            )
+
+
+def handle_association_request(event: Event, config: Config) -> None:
+    """Reject associations from peers that config.yaml does not list (AE title + host)."""
+    if config.accept_unknown_peers:
+        return
+    calling_ae, host, peer = _calling_peer(event, config)
+    if peer is not None:
+        return
+    assoc = event.assoc
     logger.warning(
         "rejected association from unknown peer %s at %s",
         calling_ae,
@@ -207,11 +283,19 @@ def _read_study_and_series(event: Event) -> tuple[str, str]:
     return study, series
 
 
-def handle_store(event: Event, spool: Spool, db: StateDB) -> int | Dataset:
+def handle_store(
+    event: Event,
+    spool: Spool,
+    db: StateDB,
+    config: Config,
+    completion: CompletionOnRelease,
+) -> int | Dataset:
     """Write the instance as received, record it, and only then answer Success.
 
     Any write failure (disk full included) answers Out of Resources; a dataset whose UIDs
     are missing or malformed answers Cannot Understand. Neither affects other instances.
+    An identical re-send answers Success and changes nothing; a re-send with other bytes
+    replaces the stored instance (and, once its series was processed, re-opens it).
     """
     request = cast(Any, event.request)
     calling_ae = event.assoc.requestor.ae_title.strip()
@@ -219,14 +303,14 @@ def handle_store(event: Event, spool: Spool, db: StateDB) -> int | Dataset:
         sop_instance_uid = check_uid(str(request.AffectedSOPInstanceUID), "SOPInstanceUID")
         sop_class_uid = check_uid(str(request.AffectedSOPClassUID), "SOPClassUID")
         study_uid, series_uid = _read_study_and_series(event)
-        spool.path_for(study_uid, series_uid, sop_instance_uid)  # checks the UIDs
+        spool.check_uids(study_uid, series_uid, sop_instance_uid)
     except (InvalidUIDError, ValueError, EOFError, OSError, zlib.error) as exc:
         logger.warning("refused an instance from %s: %s", calling_ae, exc)
         return _status(CANNOT_UNDERSTAND, str(exc))
 
     try:
         # Preamble + file meta + the dataset bytes as sent: no decode, no re-encode.
-        path = spool.write(
+        written = spool.write(
             study_instance_uid=study_uid,
             series_instance_uid=series_uid,
             sop_instance_uid=sop_instance_uid,
@@ -234,22 +318,52 @@ def handle_store(event: Event, spool: Spool, db: StateDB) -> int | Dataset:
                 sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax)
             ),
             dataset=cast(BytesIO, request.DataSet).getbuffer(),
+            stored_sha256=db.stored_sha256(sop_instance_uid),
         )
-        late = db.record_instance(
+        receipt = db.record_instance(
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=sop_class_uid,
             series_instance_uid=series_uid,
             study_instance_uid=study_uid,
             calling_ae_title=calling_ae,
-            path=path,
+            path=written.path,
+            size=written.size,
+            sha256=written.sha256,
+            rerun_late=config.completion.late == "rerun",
         )
     except (OSError, sqlite3.Error) as exc:
         logger.error("could not store %s: %s", sop_instance_uid, exc)
         return _status(OUT_OF_RESOURCES, f"cannot store: {exc}")
-    if late:
+    completion.carried(event, series_uid)
+    context = {"sop_instance_uid": sop_instance_uid, "calling_ae_title": calling_ae}
+    if receipt.kind == ReceiptValues.DUPLICATE:
+        logger.info(
+            "%s re-sent instance %s unchanged; nothing to do", calling_ae, sop_instance_uid,
+            extra=context,
+        )  # fmt: skip
+    elif receipt.kind == ReceiptValues.CHANGED:
         logger.warning(
-            "instance %s arrived after series %s was complete; kept, not processed",
+            "%s re-sent instance %s with other content; the stored one is replaced",
+            calling_ae,
             sop_instance_uid,
+            extra=context,
+        )
+    if receipt.reopened:
+        logger.warning(
+            "instance %s from %s arrived after series %s was complete; the study will be "
+            "routed again and changed jobs run as new versions",
+            sop_instance_uid,
+            calling_ae,
             series_uid,
+            extra=context,
+        )
+    elif receipt.late:
+        logger.warning(
+            "instance %s from %s arrived after series %s was complete; kept, not processed "
+            "(completion.late: keep)",
+            sop_instance_uid,
+            calling_ae,
+            series_uid,
+            extra=context,
         )
     return SUCCESS

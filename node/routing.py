@@ -6,25 +6,40 @@ not take a series (its ``accepts``) gets a skipped job with the reason; when sev
 series of the study go to the same volume model, the one that fits best (ORIGINAL,
 axial, thinnest slices, most instances) runs and the others are recorded as skipped,
 naming the series chosen. A model that reads images one by one (``input_kind`` image,
-e.g. a radiograph classifier) runs on every series it takes: each view is its own. Only headers are read (never pixel data), from the spool.
+e.g. a radiograph classifier) runs on every series it takes: each view is its own. Only
+headers are read (never pixel data), from the spool.
+
+With ``completion.late: rerun`` a study is routed again, as a whole, whenever late data
+completes; the state DB turns each job whose input changed into a new version of its
+lineage (:func:`lineage`). Before a volume model runs on new input the stack is checked
+for missing slices (:func:`node.completeness.missing_slices`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
 from models.base import InputKindValues, OrientationValues, orientation_of
 from models.registry import get_model_class
+from node.completeness import missing_slices
 from node.config import Rule
 from node.rules import route_series
 from node.state import PlannedJob, SeriesPlan, SeriesStateValues, StateDB
 
-__all__ = ["SeriesCandidate", "plan_study", "route_complete_studies"]
+__all__ = [
+    "SeriesCandidate",
+    "candidate_from_paths",
+    "lineage",
+    "plan_study",
+    "route_complete_studies",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +128,9 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
     return plans
 
 
-def _candidate(db: StateDB, series_instance_uid: str) -> SeriesCandidate:
-    paths = db.instance_paths(series_instance_uid)
+def candidate_from_paths(series_instance_uid: str, paths: Sequence[Path]) -> SeriesCandidate:
+    """A series as routing sees it: the header of ``paths[0]`` (pixel data not read) and
+    ``len(paths)`` instances; without a readable header, the reason instead."""
     if not paths:
         return SeriesCandidate(series_instance_uid, None, 0, "no instances on disk")
     try:
@@ -125,26 +141,169 @@ def _candidate(db: StateDB, series_instance_uid: str) -> SeriesCandidate:
     return SeriesCandidate(series_instance_uid, header, len(paths))
 
 
-def route_complete_studies(db: StateDB, rules: list[Rule]) -> list[int]:
-    """Route every study whose series are all complete; returns the ids of jobs to run."""
+def _candidate(db: StateDB, series_instance_uid: str) -> SeriesCandidate:
+    return candidate_from_paths(series_instance_uid, db.instance_paths(series_instance_uid))
+
+
+def lineage(
+    study_instance_uid: str, model: str, series_instance_uid: str, *, per_study: bool
+) -> str:
+    """The line of versions a job belongs to: per study for a volume model when late
+    data re-routes studies (a better series arriving later replaces the first run),
+    else per series."""
+    if per_study:
+        return f"{study_instance_uid}/{model}"
+    return f"{study_instance_uid}/{model}/{series_instance_uid}"
+
+
+_GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames"]
+
+
+def _gap_reason(db: StateDB, series_instance_uid: str) -> str | None:
+    """Why the series' stack has a hole (naming each missing position), or None.
+
+    Multi-frame instances and images without patient geometry are not judged.
+    """
+    positions = []
+    orientation = None
+    for path in db.instance_paths(series_instance_uid):
+        try:
+            header = dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
+        except (OSError, InvalidDicomError, EOFError, ValueError):
+            return None  # the worker names an unreadable file
+        if int(header.get("NumberOfFrames", 1) or 1) > 1:
+            return None
+        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            return None
+        positions.append([float(v) for v in header.ImagePositionPatient])
+        orientation = [float(v) for v in header.ImageOrientationPatient]
+    if orientation is None:
+        return None
+    missing = missing_slices(positions, orientation)
+    if not missing:
+        return None
+    where = "; ".join(f"({x:.2f}, {y:.2f}, {z:.2f})" for x, y, z in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    return (
+        f"{len(missing)} slice(s) missing from series {series_instance_uid}: none at "
+        f"ImagePositionPatient {where}{more} mm"
+    )
+
+
+def _check_gaps(db: StateDB, plans: dict[str, SeriesPlan]) -> dict[str, SeriesPlan] | None:
+    """Apply the slice-gap check to the series about to run a volume model on new input.
+
+    A complete series with a hole waits one more quiet period (returns None: the study
+    is not routed now); after that wait, or when it was routed before, its new jobs are
+    created failed, with the reason.
+    """
+    checked = dict(plans)
+    for uid, plan in plans.items():
+        fresh = [
+            job
+            for job in plan.jobs
+            if job.skipped_reason is None
+            and get_model_class(job.model).input_kind != InputKindValues.IMAGE
+            and not _unchanged(db, uid, job)
+        ]
+        if not fresh:
+            continue
+        reason = _gap_reason(db, uid)
+        if reason is None:
+            continue
+        record = db.series(uid)
+        if (
+            record is not None
+            and record.gap_waits == 0
+            and db.wait_another_quiet_period(uid, reason)
+        ):
+            logger.warning("%s; waiting one more quiet period", reason)
+            return None
+        checked[uid] = plan._replace(
+            jobs=[job._replace(failed_reason=reason) if job in fresh else job for job in plan.jobs]
+        )
+    return checked
+
+
+def _unchanged(db: StateDB, series_instance_uid: str, job: PlannedJob) -> bool:
+    """Whether the lineage's latest job already ran on exactly this series' input."""
+    latest = db.latest_version(job.lineage)
+    if latest is None or latest.series_instance_uid != series_instance_uid:
+        return False
+    manifest = db.manifest(series_instance_uid)
+    return (
+        manifest is not None
+        and latest.manifest is not None
+        and (latest.manifest.digest == manifest.digest)
+    )
+
+
+def route_complete_studies(db: StateDB, rules: list[Rule], *, rerun_late: bool = True) -> list[int]:
+    """Route every study none of whose series is still receiving and one of whose series
+    completed; returns the ids of jobs to run.
+
+    With ``rerun_late`` the whole study is planned again, every series it has (the best
+    series for a model is chosen over all of them) and the state DB creates a new
+    version of each job whose input changed; otherwise only the newly complete series
+    are planned, on their own.
+    """
     still_receiving = {
         s.study_instance_uid for s in db.series_in_state(SeriesStateValues.RECEIVING)
     }
-    studies: dict[str, list[str]] = defaultdict(list)
-    for series in db.series_in_state(SeriesStateValues.COMPLETE):
-        if series.study_instance_uid not in still_receiving:
-            studies[series.study_instance_uid].append(series.series_instance_uid)
+    ready = {
+        s.study_instance_uid for s in db.series_in_state(SeriesStateValues.COMPLETE)
+    } - still_receiving
     created: list[int] = []
-    for study_uid, series_uids in studies.items():
-        plans = plan_study([_candidate(db, uid) for uid in series_uids], rules)
-        for uid, plan in plans.items():
+    for study_uid in sorted(ready):
+        series = [
+            s
+            for s in db.series_of_study(study_uid)
+            if s.state == SeriesStateValues.COMPLETE
+            or (rerun_late and s.state != SeriesStateValues.RECEIVING)
+        ]
+        plans = plan_study([_candidate(db, s.series_instance_uid) for s in series], rules)
+        plans = {
+            uid: plan._replace(
+                jobs=[
+                    job._replace(
+                        lineage=lineage(
+                            study_uid,
+                            job.model,
+                            uid,
+                            per_study=rerun_late
+                            and get_model_class(job.model).input_kind != InputKindValues.IMAGE,
+                        )
+                    )
+                    for job in plan.jobs
+                ]
+            )
+            for uid, plan in plans.items()
+        }
+        checked = _check_gaps(db, plans)
+        if checked is None:
+            continue
+        for uid, plan in checked.items():
             if plan.ignored_reason is not None:
                 logger.info("series %s ignored: %s", uid, plan.ignored_reason)
             for job in plan.jobs:
                 if job.skipped_reason is not None:
                     logger.info("series %s skipped by %s: %s", uid, job.model, job.skipped_reason)
-                else:
-                    logger.info("series %s goes to %s", uid, job.model)
-        created.extend(db.route_study(plans))
+                elif job.failed_reason is not None:
+                    logger.warning(
+                        "series %s cannot go to %s: %s", uid, job.model, job.failed_reason
+                    )
+        ids = db.route_study(checked)
+        for job_id in ids:
+            created_job = db.job(job_id)
+            if created_job is not None:
+                replaces = created_job.predecessor_id
+                logger.info(
+                    "series %s goes to %s (job %d%s)",
+                    created_job.series_instance_uid,
+                    created_job.model,
+                    created_job.id,
+                    f", a new version after job {replaces}" if replaces else "",
+                )
+        created.extend(ids)
         logger.info("study %s routed", study_uid)
     return created

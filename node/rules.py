@@ -11,7 +11,13 @@ from pydicom.multival import MultiValue
 
 from node.config import MatchCondition, Rule
 
-__all__ = ["RoutedModel", "condition_matches", "route_series", "rule_matches"]
+__all__ = [
+    "RoutedModel",
+    "attribute_values",
+    "condition_matches",
+    "route_series",
+    "rule_matches",
+]
 
 
 @dataclass(frozen=True)
@@ -23,7 +29,9 @@ class RoutedModel:
     destinations: tuple[str, ...]
 
 
-def _values(header: Dataset, keyword: str) -> list[str] | None:
+def attribute_values(header: Dataset, keyword: str) -> list[str] | None:
+    """An attribute's values as stripped strings, as rules see them; None when the
+    attribute is absent or empty (no rule condition matches it then)."""
     if keyword not in header:
         return None
     value = header.data_element(keyword)
@@ -77,7 +85,7 @@ def rule_matches(rule: Rule, header: Dataset, instance_count: int) -> bool:
     if instance_count < rule.min_instances:
         return False
     return all(
-        condition_matches(condition, _values(header, keyword))
+        condition_matches(condition, attribute_values(header, keyword))
         for keyword, condition in rule.match.items()
     )
 

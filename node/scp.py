@@ -12,7 +12,12 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
-from node.handlers import handle_association_request, handle_echo, handle_store
+from node.handlers import (
+    CompletionOnRelease,
+    handle_association_request,
+    handle_echo,
+    handle_store,
+)
 from node.spool import Spool
 from node.state import StateDB
 from node.transport import use_fast_acceptor
@@ -57,10 +62,15 @@ def start_scp(config: Config, spool: Spool, db: StateDB) -> ThreadedAssociationS
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
+    completion = CompletionOnRelease(config, db)
     handlers: list[Any] = [
         (evt.EVT_REQUESTED, handle_association_request, [config]),
+        (evt.EVT_ACCEPTED, completion.watch),
+        (evt.EVT_RELEASED, completion.released),
+        (evt.EVT_ABORTED, completion.ended),
+        (evt.EVT_CONN_CLOSE, completion.ended),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, db]),
+        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion]),
     ]
     server = ae.start_server(
         (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers

@@ -1,13 +1,22 @@
 """The spool: received instances on disk, exactly as the peer sent them.
 
-Layout: ``<data_dir>/spool/<study UID>/<series UID>/<SOP instance UID>.dcm``. Files are
-written to ``spool/.incoming`` first, fsynced, then renamed into place, so a file in the
-tree is always whole. UIDs are checked before they become path parts.
+Layout: ``<data_dir>/spool/<study UID>/<series UID>/<SOP instance UID>_<digest>.dcm``,
+where ``<digest>`` is the first 16 hex digits of the file's SHA-256. Files are written to
+``spool/.incoming`` first, fsynced, then renamed into place, so a file in the tree is
+always whole. UIDs are checked before they become path parts. This module is the only
+one that knows the layout: the rest of pacsnode names instances by the paths the state
+DB recorded (a job by its manifest).
+
+A file is never changed once written: an instance re-sent with other bytes gets a file
+of its own, so the files a job's manifest names keep exactly the bytes it was given
+(a crash between the write and the state DB record leaves the DB and its files
+consistent), and the state DB points at the newest copy.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -16,10 +25,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["InvalidUIDError", "Spool", "SpooledInstance", "check_uid"]
+__all__ = ["InvalidUIDError", "Spool", "SpooledFile", "SpooledInstance", "check_uid"]
 
 logger = logging.getLogger(__name__)
 
+# UIDs hold only digits and dots, so "_" cannot be part of one.
+_DIGEST_SEPARATOR = "_"
+_DIGEST_CHARS = 16
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 # Zero-padded, not stripped: what we write is exactly what the peer sent.
@@ -48,6 +60,16 @@ def check_uid(value: str, name: str) -> str:
 
 
 @dataclass(frozen=True)
+class SpooledFile:
+    """A file the spool wrote: where, how many bytes, and their SHA-256 (hex), the same
+    as :func:`workers.contract.file_digest` of the file."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class SpooledInstance:
     study_instance_uid: str
     series_instance_uid: str
@@ -70,18 +92,25 @@ class Spool:
         self.incoming.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
 
-    def path_for(
+    def check_uids(
         self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str
+    ) -> None:
+        """Raise :class:`InvalidUIDError` unless all three may become path parts."""
+        check_uid(study_instance_uid, "StudyInstanceUID")
+        check_uid(series_instance_uid, "SeriesInstanceUID")
+        check_uid(sop_instance_uid, "SOPInstanceUID")
+
+    def path_for(
+        self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str, sha256: str
     ) -> Path:
+        """Where the file of an instance with these bytes (their SHA-256) lives."""
+        self.check_uids(study_instance_uid, series_instance_uid, sop_instance_uid)
         return (
             self.root
-            / check_uid(study_instance_uid, "StudyInstanceUID")
-            / check_uid(series_instance_uid, "SeriesInstanceUID")
-            / f"{check_uid(sop_instance_uid, 'SOPInstanceUID')}.dcm"
+            / study_instance_uid
+            / series_instance_uid
+            / f"{sop_instance_uid}{_DIGEST_SEPARATOR}{sha256[:_DIGEST_CHARS]}.dcm"
         )
-
-    def series_dir(self, study_instance_uid: str, series_instance_uid: str) -> Path:
-        return self.root / study_instance_uid / series_instance_uid
 
     def write(
         self,
@@ -91,8 +120,13 @@ class Spool:
         sop_instance_uid: str,
         file_meta: bytes,
         dataset: memoryview | bytes,
-    ) -> Path:
-        """Write preamble, file meta and dataset; return the final path once durable.
+        stored_sha256: str | None = None,
+    ) -> SpooledFile:
+        """Write preamble, file meta and dataset; return the file once durable.
+
+        When ``stored_sha256`` (what the state DB recorded for the instance) equals the
+        digest of these bytes and their file is there, nothing is written: an identical
+        re-send. Other bytes of the same instance go to a file of their own.
 
         Raises
         ------
@@ -101,12 +135,19 @@ class Spool:
         OSError
             If anything cannot be written (disk full included); nothing is left behind.
         """
-        final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid)
+        head = _PREAMBLE + file_meta
+        digest = hashlib.sha256(head)
+        digest.update(dataset)
+        sha256 = digest.hexdigest()
+        final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid, sha256)
+        spooled = SpooledFile(final, len(head) + memoryview(dataset).nbytes, sha256)
         temporary = self.incoming / f"{uuid.uuid4().hex}.part"
+        if spooled.sha256 == stored_sha256 and final.is_file():
+            return spooled  # an identical re-send: the durable copy is already there
         try:
             fd = os.open(temporary, _CREATE_FLAGS, 0o666)
             try:
-                _write_all(fd, (_PREAMBLE + file_meta, dataset))
+                _write_all(fd, (head, dataset))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -121,7 +162,7 @@ class Spool:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        return final
+        return spooled
 
     def clean_incoming(self) -> int:
         """Remove partial files left by a crash; returns how many."""
@@ -137,7 +178,7 @@ class Spool:
             yield SpooledInstance(
                 study_instance_uid=path.parent.parent.name,
                 series_instance_uid=path.parent.name,
-                sop_instance_uid=path.stem,
+                sop_instance_uid=path.stem.split(_DIGEST_SEPARATOR, 1)[0],
                 path=path,
             )
 

@@ -2,7 +2,13 @@
 
 Only the node process (and the CLI on the node host) writes it; workers never touch it.
 Each public method is one transaction, so a crash between two calls leaves a state the
-node can resume from (see :meth:`StateDB.recover`).
+node can resume from (start-up: :func:`node.app.recover_spool` and
+:meth:`node.dispatch.Dispatcher.requeue_unfinished`).
+
+It holds each instance's file and digest, and each job's manifest: the instances it
+runs on, fixed when routing creates it. Jobs of one lineage (a model on a study, or on
+a series for per-image models) are the versions of that model's results; a new one is
+created only when its input differs from the latest one's (:meth:`StateDB.route_study`).
 """
 
 from __future__ import annotations
@@ -18,17 +24,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from workers.contract import JobOutcome, JobRequest, Manifest, ManifestInstance
+
 __all__ = [
+    "SCHEMA_VERSION",
     "Delivery",
     "DeliveryStateValues",
     "Job",
     "JobStateValues",
     "PlannedJob",
+    "Receipt",
+    "ReceiptValues",
     "SeriesPlan",
     "SeriesRecord",
     "SeriesStateValues",
     "StateDB",
+    "StateDBError",
 ]
+
+#: Bumped whenever the tables change; a DB of another version is refused at start.
+SCHEMA_VERSION = 2
 
 
 class SeriesStateValues(enum.StrEnum):
@@ -46,6 +61,19 @@ class JobStateValues(enum.StrEnum):
     DELIVERED = "delivered"
     FAILED = "failed"
     SKIPPED = "skipped"  # the model does not take this series; reason says why
+    SUPERSEDED = "superseded"  # newer input arrived before it ran; superseded_by runs instead
+
+
+#: Jobs that may still produce results.
+UNSETTLED_JOB_STATES = (JobStateValues.PENDING, JobStateValues.QUEUED, JobStateValues.RUNNING)
+
+
+class ReceiptValues(enum.StrEnum):
+    """What receiving an instance meant for its series."""
+
+    NEW = "new"  # a SOP Instance UID not seen before
+    DUPLICATE = "duplicate"  # the same UID with the same bytes: nothing to do
+    CHANGED = "changed"  # the same UID with other bytes: the stored instance is replaced
 
 
 class DeliveryStateValues(enum.StrEnum):
@@ -62,6 +90,8 @@ CREATE TABLE IF NOT EXISTS series (
     first_received REAL NOT NULL,
     last_received REAL NOT NULL,
     late_instances INTEGER NOT NULL DEFAULT 0,
+    reopened INTEGER NOT NULL DEFAULT 0,
+    gap_waits INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
     reason TEXT
 );
@@ -70,6 +100,8 @@ CREATE TABLE IF NOT EXISTS instances (
     series_instance_uid TEXT NOT NULL,
     sop_class_uid TEXT NOT NULL,
     path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
     received_at REAL NOT NULL,
     late INTEGER NOT NULL DEFAULT 0
 );
@@ -89,8 +121,16 @@ CREATE TABLE IF NOT EXISTS jobs (
     result TEXT,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    UNIQUE (series_instance_uid, model)
+    lineage TEXT NOT NULL,
+    manifest TEXT,
+    manifest_digest TEXT,
+    revision INTEGER,
+    predecessor_id INTEGER REFERENCES jobs (id),
+    superseded_by INTEGER REFERENCES jobs (id),
+    request TEXT
 );
+CREATE INDEX IF NOT EXISTS jobs_by_lineage ON jobs (lineage, id);
+CREATE INDEX IF NOT EXISTS jobs_by_series ON jobs (series_instance_uid, model);
 CREATE TABLE IF NOT EXISTS deliveries (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     job_id INTEGER NOT NULL REFERENCES jobs (id),
@@ -106,13 +146,27 @@ CREATE TABLE IF NOT EXISTS deliveries (
 """
 
 
+_LATEST_VERSION = "SELECT * FROM jobs WHERE lineage = ? AND state != ? ORDER BY id DESC LIMIT 1"
+
+
+class StateDBError(Exception):
+    """The state DB cannot be used by this version of pacsnode; the message says why."""
+
+
 class PlannedJob(NamedTuple):
-    """A job routing decided on: which model, chosen by which rules, sending where."""
+    """A job routing decided on: which model, chosen by which rules, sending where.
+
+    ``lineage`` names the line of versions the job belongs to (its results replace the
+    previous job of the same lineage); ``failed_reason`` creates the job failed (its
+    input is unusable, e.g. a slice is missing).
+    """
 
     model: str
     rule: str
     destinations: Sequence[str]
     skipped_reason: str | None = None
+    lineage: str = ""
+    failed_reason: str | None = None
 
 
 class SeriesPlan(NamedTuple):
@@ -123,6 +177,20 @@ class SeriesPlan(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Receipt:
+    """What :meth:`StateDB.record_instance` made of an instance.
+
+    ``late``: its series had completed before it came; ``reopened``: the series is
+    receiving again because of it (``completion.late: rerun``), so it will be routed
+    again.
+    """
+
+    kind: ReceiptValues
+    late: bool = False
+    reopened: bool = False
+
+
+@dataclass(frozen=True)
 class SeriesRecord:
     series_instance_uid: str
     study_instance_uid: str
@@ -130,12 +198,17 @@ class SeriesRecord:
     first_received: float
     last_received: float
     late_instances: int
+    reopened: int
+    gap_waits: int
     state: SeriesStateValues
     reason: str | None
 
 
 @dataclass(frozen=True)
 class Job:
+    """One run of a model on one manifest. Jobs of one lineage are the versions of a
+    model's results for a study (or, for per-image models, a series)."""
+
     id: int
     series_instance_uid: str
     study_instance_uid: str
@@ -147,9 +220,20 @@ class Job:
     attempts: int
     task_id: str | None
     dispatched_at: float | None
-    result: dict[str, Any] | None
+    result: JobOutcome | None
     created_at: float
     updated_at: float
+    lineage: str
+    manifest: Manifest | None
+    revision: int | None
+    predecessor_id: int | None
+    superseded_by: int | None
+    request: JobRequest | None
+
+    @property
+    def source_paths(self) -> list[Path]:
+        """The files of the job's input, in the manifest's order."""
+        return [Path(i.path) for i in self.manifest.instances] if self.manifest else []
 
 
 @dataclass(frozen=True)
@@ -178,9 +262,15 @@ def _job(row: sqlite3.Row) -> Job:
         attempts=row["attempts"],
         task_id=row["task_id"],
         dispatched_at=row["dispatched_at"],
-        result=json.loads(row["result"]) if row["result"] else None,
+        result=JobOutcome.model_validate_json(row["result"]) if row["result"] else None,
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        lineage=row["lineage"],
+        manifest=Manifest.model_validate_json(row["manifest"]) if row["manifest"] else None,
+        revision=row["revision"],
+        predecessor_id=row["predecessor_id"],
+        superseded_by=row["superseded_by"],
+        request=JobRequest.model_validate_json(row["request"]) if row["request"] else None,
     )
 
 
@@ -206,6 +296,8 @@ def _series(row: sqlite3.Row) -> SeriesRecord:
         first_received=row["first_received"],
         last_received=row["last_received"],
         late_instances=row["late_instances"],
+        reopened=row["reopened"],
+        gap_waits=row["gap_waits"],
         state=SeriesStateValues(row["state"]),
         reason=row["reason"],
     )
@@ -217,24 +309,54 @@ class StateDB:
     Parameters
     ----------
     path
-        The SQLite file; created with its schema if missing.
+        The SQLite file; created with its schema if missing (unless ``read_only``).
+    read_only
+        Open for queries only; nothing is written.
+
+    Raises
+    ------
+    StateDBError
+        If the file was written by a pacsnode with another schema.
+    sqlite3.OperationalError
+        If ``read_only`` and the file cannot be opened.
     """
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
         self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
+        if read_only:
+            # For commands that only look (pacsnode rules test, jobs): nothing is written,
+            # not even the schema, and a missing file is an error.
+            self._conn = sqlite3.connect(
+                f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30.0,
+                isolation_level=None, check_same_thread=False,
+            )  # fmt: skip
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(
+                path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
         self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        # A SIGKILL never loses a committed transaction in WAL mode with NORMAL; a power
-        # cut may lose the last ones, and start-up rescans the spool for exactly that case.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
         with self._lock:
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if (tables or read_only) and version != SCHEMA_VERSION:
+                self._conn.close()
+                raise StateDBError(
+                    f"{path} was written by a pacsnode with state DB schema {version}; this "
+                    f"one needs schema {SCHEMA_VERSION}. Stop the node, move the file aside "
+                    "(with its -wal and -shm files) and start again: the spool is recorded "
+                    "anew from disk at start, only the job history stays in the old file."
+                )
+            if read_only:
+                return
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            # A SIGKILL never loses a committed transaction in WAL mode with NORMAL; a power
+            # cut may lose the last ones, and start-up rescans the spool for that case.
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
             self._conn.executescript(_SCHEMA)  # idempotent; executescript commits itself
+            self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:
@@ -266,19 +388,49 @@ class StateDB:
         study_instance_uid: str,
         calling_ae_title: str,
         path: Path,
+        size: int,
+        sha256: str,
+        rerun_late: bool = True,
         received_at: float | None = None,
-    ) -> bool:
-        """Record an instance written to the spool; returns True if it arrived late.
+    ) -> Receipt:
+        """Record an instance written to the spool.
 
-        An instance is late when its series was already complete; it is kept and counted.
+        The same SOP Instance UID with the same bytes (``sha256``) is a duplicate and
+        changes nothing, except that a series still receiving stays open a little longer.
+        Anything else is stored; when its series had already completed, the instance is
+        late: with ``rerun_late`` the series is receiving again (it will be routed again
+        and a job whose input changed runs as a new version), otherwise the instance is
+        kept, counted in ``late_instances`` and left out of the series.
         """
         now = time.time() if received_at is None else received_at
         with self._transaction() as conn:
+            existing = conn.execute(
+                "SELECT series_instance_uid, path, sha256, late FROM instances "
+                "WHERE sop_instance_uid = ?",
+                (sop_instance_uid,),
+            ).fetchone()
             row = conn.execute(
                 "SELECT state FROM series WHERE series_instance_uid = ?",
                 (series_instance_uid,),
             ).fetchone()
-            late = row is not None and row["state"] != SeriesStateValues.RECEIVING
+            receiving = row is not None and row["state"] == SeriesStateValues.RECEIVING
+            same_series = (
+                existing is not None and existing["series_instance_uid"] == series_instance_uid
+            )
+            if same_series and existing["sha256"] == sha256:
+                if receiving:
+                    conn.execute(
+                        "UPDATE series SET last_received = MAX(last_received, ?) "
+                        "WHERE series_instance_uid = ?",
+                        (now, series_instance_uid),
+                    )
+                return Receipt(ReceiptValues.DUPLICATE)
+            kind = ReceiptValues.NEW if existing is None else ReceiptValues.CHANGED
+            if existing is not None and not same_series:
+                # The UID moved to another series: the old series lost a member.
+                self._reopen(conn, existing["series_instance_uid"], now, rerun_late)
+            late = row is not None and not receiving
+            reopened = False
             if row is None:
                 conn.execute(
                     "INSERT INTO series (series_instance_uid, study_instance_uid, "
@@ -293,31 +445,95 @@ class StateDB:
                         SeriesStateValues.RECEIVING,
                     ),
                 )
+            elif late:
+                reopened = self._reopen(conn, series_instance_uid, now, rerun_late)
             else:
                 conn.execute(
-                    "UPDATE series SET last_received = MAX(last_received, ?), "
-                    "late_instances = late_instances + ? WHERE series_instance_uid = ?",
-                    (now, int(late), series_instance_uid),
+                    "UPDATE series SET last_received = MAX(last_received, ?) "
+                    "WHERE series_instance_uid = ?",
+                    (now, series_instance_uid),
                 )
+            # A changed instance keeps its place in (or out of) the series.
+            left_out = late and not reopened and not same_series
+            if same_series:
+                left_out = bool(existing["late"])
             conn.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, series_instance_uid, "
-                "sop_class_uid, path, received_at, late) VALUES (?, ?, ?, ?, ?, ?)",
-                (sop_instance_uid, series_instance_uid, sop_class_uid, str(path), now, int(late)),
+                "sop_class_uid, path, size, sha256, received_at, late) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    sop_instance_uid,
+                    series_instance_uid,
+                    sop_class_uid,
+                    str(path),
+                    size,
+                    sha256,
+                    now,
+                    int(left_out),
+                ),
             )
-        return bool(late)
+        return Receipt(kind, late=late, reopened=reopened)
 
-    def known_instance_paths(self) -> set[str]:
-        return {row["path"] for row in self._query("SELECT path FROM instances")}
-
-    def instance_paths(self, series_instance_uid: str) -> list[Path]:
-        rows = self._query(
-            "SELECT path FROM instances WHERE series_instance_uid = ? AND late = 0 ORDER BY path",
+    def _reopen(
+        self, conn: sqlite3.Connection, series_instance_uid: str, now: float, rerun_late: bool
+    ) -> bool:
+        """A finished series got new or changed data: receiving again (rerun) or count it
+        as late (keep). Returns True if it was reopened."""
+        if rerun_late:
+            conn.execute(
+                "UPDATE series SET state = ?, last_received = ?, reopened = reopened + 1, "
+                "reason = NULL WHERE series_instance_uid = ?",
+                (SeriesStateValues.RECEIVING, now, series_instance_uid),
+            )
+            return True
+        conn.execute(
+            "UPDATE series SET late_instances = late_instances + 1 WHERE series_instance_uid = ?",
             (series_instance_uid,),
         )
-        return [Path(row["path"]) for row in rows]
+        return False
+
+    def stored_sha256(self, sop_instance_uid: str) -> str | None:
+        """The digest recorded for an instance, or None if it was never received."""
+        rows = self._query(
+            "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
+        )
+        return str(rows[0]["sha256"]) if rows else None
+
+    def known_sop_instance_uids(self) -> set[str]:
+        return {row[0] for row in self._query("SELECT sop_instance_uid FROM instances")}
+
+    def instance_paths(self, series_instance_uid: str) -> list[Path]:
+        """The files of a series' instances (late ones kept under ``keep`` left out)."""
+        return [Path(i.path) for i in self._instances(series_instance_uid)]
 
     def instance_count(self, series_instance_uid: str) -> int:
-        return len(self.instance_paths(series_instance_uid))
+        return len(self._instances(series_instance_uid))
+
+    def _instances(
+        self, series_instance_uid: str, conn: sqlite3.Connection | None = None
+    ) -> list[ManifestInstance]:
+        sql = (
+            "SELECT sop_instance_uid, path, size, sha256 FROM instances "
+            "WHERE series_instance_uid = ? AND late = 0 ORDER BY path"
+        )
+        with self._lock:
+            rows = (conn or self._conn).execute(sql, (series_instance_uid,)).fetchall()
+        return [
+            ManifestInstance(
+                sop_instance_uid=r["sop_instance_uid"],
+                path=r["path"],
+                size=r["size"],
+                sha256=r["sha256"],
+            )
+            for r in rows
+        ]
+
+    def manifest(self, series_instance_uid: str) -> Manifest | None:
+        """The series' instances as a job would take them now; None if it has none."""
+        instances = self._instances(series_instance_uid)
+        if not instances:
+            return None
+        return Manifest(series_instance_uid=series_instance_uid, instances=tuple(instances))
 
     # -- completeness and routing --------------------------------------------------------
 
@@ -335,16 +551,52 @@ class StateDB:
         )
         return [_series(row) for row in rows]
 
+    def series_of_study(self, study_instance_uid: str) -> list[SeriesRecord]:
+        rows = self._query(
+            "SELECT * FROM series WHERE study_instance_uid = ? ORDER BY first_received",
+            (study_instance_uid,),
+        )
+        return [_series(row) for row in rows]
+
+    def studies_received_since(self, cutoff: float) -> list[str]:
+        """Study Instance UIDs of studies with an instance received at or after ``cutoff``."""
+        rows = self._query(
+            "SELECT study_instance_uid FROM series GROUP BY study_instance_uid "
+            "HAVING MAX(last_received) >= ? ORDER BY MIN(first_received)",
+            (cutoff,),
+        )
+        return [row["study_instance_uid"] for row in rows]
+
     def series_in_state(self, state: SeriesStateValues) -> list[SeriesRecord]:
         rows = self._query("SELECT * FROM series WHERE state = ?", (state,))
         return [_series(row) for row in rows]
 
-    def mark_series_complete(self, series_instance_uid: str) -> None:
+    def mark_series_complete(self, series_instance_uid: str) -> bool:
+        """Close a series still receiving; returns False if it was not receiving."""
         with self._transaction() as conn:
-            conn.execute(
+            cursor = conn.execute(
                 "UPDATE series SET state = ? WHERE series_instance_uid = ? AND state = ?",
                 (SeriesStateValues.COMPLETE, series_instance_uid, SeriesStateValues.RECEIVING),
             )
+        return bool(cursor.rowcount)
+
+    def wait_another_quiet_period(self, series_instance_uid: str, reason: str) -> bool:
+        """Send a complete series back to receiving once (it looked incomplete, e.g. a
+        slice missing); ``gap_waits`` records that it waited. Returns False (and changes
+        nothing) if the series is not complete (e.g. already routed)."""
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE series SET state = ?, last_received = ?, gap_waits = gap_waits + 1, "
+                "reason = ? WHERE series_instance_uid = ? AND state = ?",
+                (
+                    SeriesStateValues.RECEIVING,
+                    time.time(),
+                    reason,
+                    series_instance_uid,
+                    SeriesStateValues.COMPLETE,
+                ),
+            )
+        return bool(cursor.rowcount)
 
     def route_series(
         self, series_instance_uid: str, jobs: Sequence[PlannedJob], reason: str | None = None
@@ -353,49 +605,129 @@ class StateDB:
         return self.route_study({series_instance_uid: SeriesPlan(jobs, reason)})
 
     def route_study(self, plans: dict[str, SeriesPlan]) -> list[int]:
-        """Close routing of complete series (one study): create their jobs.
+        """Route the series of one study: create the jobs whose input is new.
 
-        A planned job with a ``skipped_reason`` is recorded as skipped with that reason;
-        a series without jobs is recorded as ignored with its reason. Returns the ids of
-        the jobs created to run. One transaction, so a crash never leaves a study half
-        routed; series no longer complete are left alone.
+        For each planned job that runs, the series' instances now are its manifest.
+        If the latest job of the same lineage ran on the same series with the same
+        manifest digest, nothing is created (identical input, identical results);
+        otherwise a new job is created as the next version, naming the latest as its
+        predecessor (which, if it has not been dispatched yet, is superseded and never
+        runs). A planned job with a ``skipped_reason`` is recorded as skipped once per
+        (series, model); a series without jobs is recorded as ignored with its reason.
+
+        One transaction; if any planned series is receiving again (or unknown), nothing
+        is routed and the study waits for its next quiet period. Returns the ids of the
+        jobs created to run.
         """
         now = time.time()
         ids: list[int] = []
         with self._transaction() as conn:
-            for series_instance_uid, plan in plans.items():
-                row = conn.execute(
+            rows = {
+                uid: conn.execute(
                     "SELECT study_instance_uid, state FROM series WHERE series_instance_uid = ?",
-                    (series_instance_uid,),
+                    (uid,),
                 ).fetchone()
-                if row is None or row["state"] != SeriesStateValues.COMPLETE:
-                    continue
+                for uid in plans
+            }
+            if any(r is None or r["state"] == SeriesStateValues.RECEIVING for r in rows.values()):
+                return []
+            for series_instance_uid, plan in plans.items():
+                study = rows[series_instance_uid]["study_instance_uid"]
                 for job in plan.jobs:
-                    runs = job.skipped_reason is None
-                    cursor = conn.execute(
-                        "INSERT OR IGNORE INTO jobs (series_instance_uid, study_instance_uid, "
-                        "model, rule, destinations, state, reason, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            series_instance_uid,
-                            row["study_instance_uid"],
-                            job.model,
-                            job.rule,
-                            json.dumps(list(job.destinations)),
-                            JobStateValues.PENDING if runs else JobStateValues.SKIPPED,
-                            job.skipped_reason,
-                            now,
-                            now,
-                        ),
-                    )
-                    if runs and cursor.rowcount and cursor.lastrowid is not None:
-                        ids.append(cursor.lastrowid)
+                    if job.skipped_reason is not None:
+                        self._record_skip(conn, series_instance_uid, study, job, now)
+                        continue
+                    job_id = self._create_version(conn, series_instance_uid, study, job, now)
+                    if job_id is not None and job.failed_reason is None:
+                        ids.append(job_id)
                 state = SeriesStateValues.ROUTED if plan.jobs else SeriesStateValues.IGNORED
                 conn.execute(
                     "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ?",
                     (state, plan.ignored_reason, series_instance_uid),
                 )
         return ids
+
+    def _record_skip(
+        self, conn: sqlite3.Connection, series_uid: str, study_uid: str, job: PlannedJob, now: float
+    ) -> None:
+        last = conn.execute(
+            "SELECT id, state FROM jobs WHERE series_instance_uid = ? AND model = ? "
+            "ORDER BY id DESC LIMIT 1",
+            (series_uid, job.model),
+        ).fetchone()
+        if last is not None and last["state"] != JobStateValues.SKIPPED:
+            return  # it ran before; a later version on another series replaces it
+        if last is not None:
+            self._set_job(conn, last["id"], reason=job.skipped_reason)
+            return
+        conn.execute(
+            "INSERT INTO jobs (series_instance_uid, study_instance_uid, model, rule, "
+            "destinations, state, reason, created_at, updated_at, lineage) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                series_uid,
+                study_uid,
+                job.model,
+                job.rule,
+                json.dumps(list(job.destinations)),
+                JobStateValues.SKIPPED,
+                job.skipped_reason,
+                now,
+                now,
+                job.lineage,
+            ),
+        )
+
+    def _create_version(
+        self, conn: sqlite3.Connection, series_uid: str, study_uid: str, job: PlannedJob, now: float
+    ) -> int | None:
+        """The job for ``job`` on the series' current instances, unless the lineage's
+        latest job already has exactly that input."""
+        instances = self._instances(series_uid, conn)
+        if not instances:
+            return None
+        manifest = Manifest(series_instance_uid=series_uid, instances=tuple(instances))
+        digest = manifest.digest
+        latest = conn.execute(_LATEST_VERSION, (job.lineage, JobStateValues.SKIPPED)).fetchone()
+        if (
+            latest is not None
+            and latest["series_instance_uid"] == series_uid
+            and latest["manifest_digest"] == digest
+        ):
+            return None
+        conn.execute(
+            "DELETE FROM jobs WHERE series_instance_uid = ? AND model = ? AND state = ?",
+            (series_uid, job.model, JobStateValues.SKIPPED),
+        )
+        cursor = conn.execute(
+            "INSERT INTO jobs (series_instance_uid, study_instance_uid, model, rule, "
+            "destinations, state, reason, created_at, updated_at, lineage, manifest, "
+            "manifest_digest, predecessor_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                series_uid,
+                study_uid,
+                job.model,
+                job.rule,
+                json.dumps(list(job.destinations)),
+                JobStateValues.PENDING if job.failed_reason is None else JobStateValues.FAILED,
+                job.failed_reason,
+                now,
+                now,
+                job.lineage,
+                manifest.model_dump_json(),
+                digest,
+                latest["id"] if latest is not None else None,
+            ),
+        )
+        job_id = cursor.lastrowid
+        assert job_id is not None
+        if latest is not None:
+            superseded: dict[str, Any] = {"superseded_by": job_id}
+            if latest["state"] == JobStateValues.PENDING:
+                superseded["state"] = JobStateValues.SUPERSEDED
+                superseded["reason"] = f"newer input before it ran; job {job_id} runs instead"
+            self._set_job(conn, latest["id"], **superseded)
+        return job_id
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -413,12 +745,37 @@ class StateDB:
             )
         return [_job(row) for row in rows]
 
+    def latest_version(self, lineage: str) -> Job | None:
+        """The newest job of a lineage that is not a skip."""
+        rows = self._query(_LATEST_VERSION, (lineage, JobStateValues.SKIPPED))
+        return _job(rows[0]) if rows else None
+
+    def earlier_version_unsettled(self, job: Job) -> bool:
+        """Whether an earlier job of ``job``'s lineage may still produce results."""
+        marks = ", ".join("?" for _ in UNSETTLED_JOB_STATES)
+        rows = self._query(
+            f"SELECT 1 FROM jobs WHERE lineage = ? AND id < ? AND state IN ({marks}) LIMIT 1",
+            (job.lineage, job.id, *UNSETTLED_JOB_STATES),
+        )
+        return bool(rows)
+
+    def previous_results(self, job: Job) -> Job | None:
+        """The latest earlier job of ``job``'s lineage that produced results: the
+        version ``job`` replaces."""
+        rows = self._query(
+            "SELECT * FROM jobs WHERE lineage = ? AND id < ? AND result IS NOT NULL "
+            "ORDER BY id DESC LIMIT 1",
+            (job.lineage, job.id),
+        )
+        return _job(rows[0]) if rows else None
+
     def _set_job(self, conn: sqlite3.Connection, job_id: int, **fields: Any) -> None:
         fields["updated_at"] = time.time()
         assignments = ", ".join(f"{name} = ?" for name in fields)
         conn.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*fields.values(), job_id])
 
-    def mark_job_queued(self, job_id: int, task_id: str) -> None:
+    def mark_job_queued(self, job_id: int, task_id: str, request: JobRequest) -> None:
+        """The job was handed to Celery with ``request``, which is stored as sent."""
         with self._transaction() as conn:
             self._set_job(
                 conn,
@@ -427,6 +784,8 @@ class StateDB:
                 task_id=task_id,
                 dispatched_at=time.time(),
                 reason=None,
+                revision=request.revision,
+                request=request.model_dump_json(),
             )
             conn.execute("UPDATE jobs SET attempts = attempts + 1 WHERE id = ?", (job_id,))
 
@@ -442,12 +801,23 @@ class StateDB:
             self._set_job(conn, job_id, state=JobStateValues.FAILED, reason=reason)
 
     def mark_job_pending(self, job_id: int, reason: str | None = None) -> None:
-        """Put a job back in line for dispatch (recovery, timeouts)."""
+        """Put a job back in line for dispatch (recovery, timeouts); a job a newer
+        version has replaced is superseded instead, as it would only be withdrawn."""
         with self._transaction() as conn:
+            row = conn.execute("SELECT superseded_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is not None and row["superseded_by"] is not None:
+                self._set_job(
+                    conn,
+                    job_id,
+                    state=JobStateValues.SUPERSEDED,
+                    task_id=None,
+                    reason=f"{reason}; not run again, job {row['superseded_by']} replaces it",
+                )
+                return
             self._set_job(conn, job_id, state=JobStateValues.PENDING, task_id=None, reason=reason)
 
     def record_results(
-        self, job_id: int, result: dict[str, Any], deliveries: Mapping[str, Sequence[Path]]
+        self, job_id: int, outcome: JobOutcome, deliveries: Mapping[str, Sequence[Path]]
     ) -> bool:
         """Store a job's results and queue one delivery per (destination, file) in
         ``deliveries``; a job with nothing to deliver is delivered at once.
@@ -458,11 +828,7 @@ class StateDB:
         now = time.time()
         with self._transaction() as conn:
             row = conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
-            if row is None or row["state"] not in (
-                JobStateValues.QUEUED,
-                JobStateValues.RUNNING,
-                JobStateValues.PENDING,
-            ):
+            if row is None or row["state"] not in UNSETTLED_JOB_STATES:
                 return False
             queued = 0
             for destination, paths in deliveries.items():
@@ -474,27 +840,37 @@ class StateDB:
                     )
                     queued += 1
             state = JobStateValues.RESULTS_READY if queued else JobStateValues.DELIVERED
-            self._set_job(conn, job_id, state=state, result=json.dumps(result), reason=None)
+            self._set_job(conn, job_id, state=state, result=outcome.model_dump_json(), reason=None)
         return True
 
     def retry_job(self, job_id: int) -> Job:
-        """Send a failed (or finished) job through the whole path again.
+        """Send a failed (or finished) job through the whole path again, on the same
+        manifest.
 
         Raises
         ------
         KeyError
             If there is no job with that id.
         ValueError
-            If the job is still in progress.
+            If the job is still in progress, or a newer version has replaced it.
         """
         with self._transaction() as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = conn.execute(
+                "SELECT state, superseded_by, manifest FROM jobs WHERE id = ?", (job_id,)
+            ).fetchone()
             if row is None:
                 raise KeyError(f"there is no job {job_id}")
+            if row["superseded_by"] is not None:
+                raise ValueError(
+                    f"job {job_id} was replaced by job {row['superseded_by']}, which ran on "
+                    "newer input; retry that one"
+                )
             if row["state"] not in (JobStateValues.FAILED, JobStateValues.DELIVERED):
                 raise ValueError(
                     f"job {job_id} is {row['state']}; only failed or delivered jobs can be retried"
                 )
+            if row["manifest"] is None:
+                raise ValueError(f"job {job_id} has no input to run on")
             conn.execute("DELETE FROM deliveries WHERE job_id = ?", (job_id,))
             self._set_job(
                 conn,
@@ -504,10 +880,20 @@ class StateDB:
                 task_id=None,
                 result=None,
                 attempts=0,
+                request=None,  # built anew from config.yaml now
             )
         job = self.job(job_id)
         assert job is not None
         return job
+
+    def delivered_paths(self, job_id: int, destination: str) -> list[Path]:
+        """The files of a job that went (or are still going) to ``destination``."""
+        rows = self._query(
+            "SELECT path FROM deliveries WHERE job_id = ? AND destination = ? AND state != ? "
+            "ORDER BY id",
+            (job_id, destination, DeliveryStateValues.FAILED),
+        )
+        return [Path(row["path"]) for row in rows]
 
     # -- deliveries ------------------------------------------------------------------------
 

@@ -124,6 +124,7 @@ class OutputRequest(_Frozen):
     seg_series_number: int = Field(default=901, ge=1)
     sr_series_number: int = Field(default=902, ge=1)
     overlay_series_number: int = Field(default=903, ge=1)
+    rejection_series_number: int = Field(default=904, ge=1)
 
     @classmethod
     def for_destinations(
@@ -156,9 +157,12 @@ class OutputRequest(_Frozen):
             }
         )
 
-    def describe(self, model: str, kind: str) -> str:
-        """SeriesDescription of a result series (at most 64 characters); the notice is
-        kept whole, the description shortened to make room for it."""
+    def describe(self, model: str, kind: str, revision: int = 1) -> str:
+        """SeriesDescription of a result series (at most 64 characters), e.g.
+        ``ct-tissue SEG (rev 2) - NOT FOR CLINICAL USE``; the revision and the notice
+        are kept whole, the description shortened to make room for them."""
         text = self.series_description.format(model=model, kind=kind)
-        suffix = f" - {self.notice}" if self.notice else ""
+        suffix = (f" (rev {revision})" if revision > 1 else "") + (
+            f" - {self.notice}" if self.notice else ""
+        )
         return text[: 64 - len(suffix)] + suffix

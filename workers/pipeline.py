@@ -1,5 +1,6 @@
-"""One job, start to finish: series on disk -> model -> result files on disk (SEG + SR
-for a segmentation, SR for a classification).
+"""One job, start to finish: its manifest's files -> model -> result files on disk (SEG
++ SR for a segmentation, SR for a classification, a rejection note per destination that
+withdraws the previous version).
 
 Pure functions called by the Celery task; no Celery here, so tests call them directly.
 """
@@ -8,17 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from pydicom import Dataset
 
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
 from models.registry import get_model
+from workers.contract import JobOutcome, JobRequest, Manifest, ResultInstance, file_digest
 from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
 from workers.overlays import KeyImage, build_overlay_images, key_images
+from workers.rejection import build_rejection_note
 from workers.seg import SegmentInfo, build_seg, plan_segments
 from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import LoadedSeries, SeriesError, load_images, load_series
@@ -26,87 +30,170 @@ from workers.sr import SegmentMeasurement, build_classification_sr, build_sr, me
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
-__all__ = ["run_job", "write_segmentation_results"]
+__all__ = ["ManifestError", "run_job", "verify_manifest", "write_segmentation_results"]
 
 logger = logging.getLogger(__name__)
 
+REJECTION_PREFIX = "rejection-"
 
-def _failed(job_id: int, reason: str) -> dict[str, Any]:
+
+class ManifestError(Exception):
+    """A file of the job's input is missing or no longer holds the bytes it was given."""
+
+
+def _failed(job_id: int, reason: str) -> JobOutcome:
     logger.warning("job %d failed: %s", job_id, reason, extra={"job_id": job_id})
-    return {"status": "failed", "reason": reason}
+    return JobOutcome.failed(reason)
 
 
-def run_job(
-    *,
-    job_id: int,
-    model_name: str,
-    series_dir: Path,
-    output_dir: Path,
-    outputs: OutputRequest | None = None,
-) -> dict[str, Any]:
-    """Run one job and describe the outcome as JSON-able data.
+def verify_manifest(manifest: Manifest) -> list[Path]:
+    """The manifest's files, each checked to hold exactly the bytes recorded for it.
 
-    ``outputs`` says which result files to write (SEG variants, SR, overlays) and the
-    settings they share; by default a BINARY SEG and an SR. A problem with the input
-    (unreadable or inconsistent series, unsuitable input) or a SEG that would be
-    misplaced is returned as ``{"status": "failed", "reason": ...}`` for the node to
-    record; anything unexpected is logged and raised. A model that finds nothing is a
-    result (``"empty": true``): the SR says so.
-
-    Returns
-    -------
-    dict
-        ``{"status": "ok", "files": [...], "empty": bool, "timings_s": {...}, ...}``
-        with the SEG's ``measurements`` or the classifier's ``findings``, or the failure
-        above.
+    Raises
+    ------
+    ManifestError
+        If a file is missing or its size or SHA-256 differs (the instance was re-sent
+        with other content after the job was created; a newer version covers that).
     """
-    request = outputs if outputs is not None else OutputRequest()
+    paths = []
+    for instance in manifest.instances:
+        path = Path(instance.path)
+        try:
+            size, sha256 = file_digest(path)
+        except OSError as exc:
+            raise ManifestError(
+                f"instance {instance.sop_instance_uid} of the job's input is missing "
+                f"({path}: {exc.strerror or exc})"
+            ) from exc
+        if (size, sha256) != (instance.size, instance.sha256):
+            raise ManifestError(
+                f"instance {instance.sop_instance_uid} changed after the job was created "
+                "(re-sent with other content); the job's results would not match its "
+                "input, so it does not run (a newer version covers the new content)"
+            )
+        paths.append(path)
+    return paths
+
+
+def _result(ds: Dataset, path: Path) -> ResultInstance:
+    return ResultInstance(
+        path=str(path),
+        study_instance_uid=str(ds.StudyInstanceUID),
+        series_instance_uid=str(ds.SeriesInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+    )
+
+
+def _write(ds: Dataset, path: Path) -> ResultInstance:
+    write_dataset_atomic(ds, path)
+    return _result(ds, path)
+
+
+def _predecessors(reports: Sequence[ResultInstance], sr_file_name: str) -> list[Dataset]:
+    """The previous version's SRs that an SR written as ``sr_file_name`` replaces: the
+    one of the same name, else all of them."""
+    same = [r for r in reports if r.name == sr_file_name]
+    previous = []
+    for report in same or reports:
+        ds = Dataset()
+        ds.StudyInstanceUID = report.study_instance_uid
+        ds.SeriesInstanceUID = report.series_instance_uid
+        ds.SOPClassUID = report.sop_class_uid
+        ds.SOPInstanceUID = report.sop_instance_uid
+        previous.append(ds)
+    return previous
+
+
+def run_job(request: JobRequest) -> JobOutcome:
+    """Run one job on exactly its manifest and describe the outcome.
+
+    ``request.outputs`` says which result files to write (SEG variants, SR, overlays)
+    and the settings they share. A problem with the input (a file changed or missing,
+    an unreadable or inconsistent series, unsuitable input) or a SEG that would be
+    misplaced is a failed outcome with the reason, for the node to record; anything
+    unexpected is logged and raised. A model that finds nothing is a result
+    (``empty``): the SR says so.
+    """
     started = time.perf_counter()
-    paths = sorted(series_dir.glob("*.dcm"))
-    if not paths:
-        return _failed(job_id, f"no instances found in {series_dir}")
-    model = get_model(model_name)
+    try:
+        paths = verify_manifest(request.manifest)
+    except ManifestError as exc:
+        return _failed(request.job_id, str(exc))
+    verified = time.perf_counter() - started
+    model = get_model(request.model)
     if isinstance(model, ClassificationModel):
-        outcome = _classify(job_id, model, paths, output_dir, request)
+        outcome = _classify(request, model, paths)
     elif isinstance(model, SegmentationModel):
-        outcome = _segment(job_id, model, paths, output_dir, request)
+        outcome = _segment(request, model, paths)
     else:
         raise TypeError(f"model {model.name} is neither a segmentation nor a classification model")
-    if outcome["status"] == "ok":
-        outcome["outputs"] = request.model_dump(mode="json")  # who gets which file
-        outcome["timings_s"]["total"] = time.perf_counter() - started
-        logger.info(
-            "job %d: %s on %d instances done in %.2f s",
-            job_id,
-            model.name,
-            len(paths),
-            outcome["timings_s"]["total"],
-            extra={"job_id": job_id},
+    if outcome.status != "ok":
+        return outcome
+    total = time.perf_counter() - started
+    logger.info(
+        "job %d: %s on %d instances done in %.2f s",
+        request.job_id,
+        model.name,
+        len(paths),
+        total,
+        extra={"job_id": request.job_id},
+    )
+    return outcome.model_copy(
+        update={"timings_s": {"verify": verified, **outcome.timings_s, "total": total}}
+    )
+
+
+def _uids(request: JobRequest, series_instance_uid: str, model_version: str) -> ResultUids:
+    return ResultUids.for_job(series_instance_uid, request.model, model_version, request.result_key)
+
+
+def _rejection_notes(
+    request: JobRequest, source: Dataset, uids: ResultUids, output_dir: Path
+) -> tuple[list[ResultInstance], dict[str, str]]:
+    """One IOCM rejection note per destination that holds objects of the previous
+    version (``request.rejections``), in the study of ``source``."""
+    files: list[ResultInstance] = []
+    notes: dict[str, str] = {}
+    for number, (destination, rejected) in enumerate(sorted(request.rejections.items()), 1):
+        if not rejected:
+            continue
+        note = build_rejection_note(
+            source,
+            rejected,
+            series_instance_uid=uids.derive("rejection-series"),
+            sop_instance_uid=uids.derive("rejection", destination),
+            series_number=request.outputs.rejection_series_number,
+            series_description=request.outputs.describe(
+                request.model, "rejection note", request.revision
+            ),
         )
-    return outcome
+        path = output_dir / f"{REJECTION_PREFIX}{number:03d}.dcm"
+        files.append(_write(note, path))
+        notes[destination] = path.name
+    return files, notes
 
 
-def _segment(
-    job_id: int,
-    model: SegmentationModel,
-    paths: list[Path],
-    output_dir: Path,
-    request: OutputRequest,
-) -> dict[str, Any]:
-    """Series -> label map -> the SEG variants, the SR and overlays the request names."""
+def _previous_reports(request: JobRequest) -> tuple[ResultInstance, ...]:
+    return request.predecessor.reports if request.predecessor is not None else ()
+
+
+def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -> JobOutcome:
+    """Series -> label map -> the SEG variants, the SRs, overlays and rejection notes
+    the request names."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
     try:
         series = load_series(paths)
     except SeriesError as exc:
-        return _failed(job_id, str(exc))
+        return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     try:
         label_map = model.predict(series.volume)
     except ModelError as exc:
-        return _failed(job_id, f"{model.name}: {exc}")
+        return _failed(request.job_id, f"{model.name}: {exc}")
     timings["inference"] = time.perf_counter() - mark
     if label_map.shape != series.volume.voxels.shape:
         raise RuntimeError(
@@ -115,38 +202,62 @@ def _segment(
         )
     empty = not np.any(label_map)
     if empty:
-        logger.info("job %d: %s found none of its labels", job_id, model.name)
+        logger.info("job %d: %s found none of its labels", request.job_id, model.name)
 
     mark = time.perf_counter()
+    output_dir = Path(request.output_dir)
+    uids = _uids(request, str(series.datasets[0].SeriesInstanceUID), model.version)
     try:
         files, measurements = write_segmentation_results(
-            series, label_map, model, request, output_dir
+            series,
+            label_map,
+            model,
+            uids,
+            request.outputs,
+            output_dir,
+            revision=request.revision,
+            previous_reports=_previous_reports(request),
         )
     except SegPlacementError as exc:
-        return _failed(job_id, f"a SEG was not sent, it would be misplaced: {exc}")
+        return _failed(request.job_id, f"a SEG was not sent, it would be misplaced: {exc}")
+    notes, by_destination = _rejection_notes(request, series.datasets[0], uids, output_dir)
     timings["results"] = time.perf_counter() - mark
-    return {
-        "status": "ok",
-        "files": [str(path) for path in files],
-        "empty": empty,
-        "measurements": [m.as_dict() for m in measurements],
-        "timings_s": timings,
-    }
+    return JobOutcome(
+        status="ok",
+        files=(*files, *notes),
+        empty=empty,
+        measurements=tuple(m.as_dict() for m in measurements),
+        timings_s=timings,
+        rejection_notes=by_destination,
+    )
 
 
 def write_segmentation_results(
     series: LoadedSeries,
     label_map: npt.NDArray[np.integer],
     model: SegmentationModel,
+    uids: ResultUids,
     request: OutputRequest,
     output_dir: Path,
-) -> tuple[list[Path], list[SegmentMeasurement]]:
+    *,
+    revision: int = 1,
+    previous_reports: Sequence[ResultInstance] = (),
+) -> tuple[list[ResultInstance], list[SegmentMeasurement]]:
     """The result step of a segmentation: the SEG variants, SRs and overlay images that
     ``request`` names, written into ``output_dir``.
 
+    Parameters
+    ----------
+    uids
+        The job's result UIDs (:meth:`workers.uids.ResultUids.for_job`).
+    revision
+        The version of these results; above 1 the series descriptions say so.
+    previous_reports
+        The SRs of the version these results replace, named as predecessors.
+
     Returns
     -------
-    tuple[list[Path], list[SegmentMeasurement]]
+    tuple[list[ResultInstance], list[SegmentMeasurement]]
         The files written and what the SRs measured.
 
     Raises
@@ -154,9 +265,8 @@ def write_segmentation_results(
     SegPlacementError
         If a SEG read back does not sit on its source slices (the file is removed).
     """
-    uids = ResultUids.for_job(series.datasets[0].SeriesInstanceUID, model.name, model.version)
     output_dir.mkdir(parents=True, exist_ok=True)
-    files: list[Path] = []
+    files: list[ResultInstance] = []
     segments = plan_segments(label_map, model, uids)
     with ThreadPoolExecutor(max_workers=1) as pool:
         # Statistics and key images are numpy work that releases the GIL: they run beside
@@ -174,7 +284,7 @@ def write_segmentation_results(
                 seg_type=variant.seg_type,
                 omit_empty_frames=variant.omit_empty_frames,
                 series_number=request.seg_series_number,
-                series_description=request.describe(model.name, "SEG"),
+                series_description=request.describe(model.name, "SEG", revision),
                 segments=segments,
             )
             if variant in request.seg_variants:
@@ -183,10 +293,10 @@ def write_segmentation_results(
                 try:
                     check_seg_placement(path, series)
                 except SegPlacementError as exc:
-                    for written in [*files, path]:  # nothing of this job may be sent
-                        written.unlink()
+                    for written in [*(Path(f.path) for f in files), path]:
+                        written.unlink()  # nothing of this job may be sent
                     raise SegPlacementError(f"{variant.file_name}: {exc}") from exc
-                files.append(path)
+                files.append(_result(seg, path))
             if variant in request.sr_references:
                 measurements, _ = numbers.result()
                 sr, _ = build_sr(
@@ -197,15 +307,15 @@ def write_segmentation_results(
                     segments,
                     uids,
                     series_number=request.sr_series_number,
-                    series_description=request.describe(model.name, "SR"),
+                    series_description=request.describe(model.name, "SR", revision),
                     sop_instance_uid=(
                         None if variant == DEFAULT_SEG else uids.derive("sr", variant.file_name)
                     ),
                     instance_number=variant.instance_number,
                     measurements=measurements,
+                    previous_versions=_predecessors(previous_reports, variant.sr_file_name),
                 )
-                write_dataset_atomic(sr, output_dir / variant.sr_file_name)
-                files.append(output_dir / variant.sr_file_name)
+                files.append(_write(sr, output_dir / variant.sr_file_name))
         measurements, images = numbers.result()
     if images:
         overlays = build_overlay_images(
@@ -213,13 +323,11 @@ def write_segmentation_results(
             images,
             uids,
             series_number=request.overlay_series_number,
-            series_description=request.describe(model.name, "Overlay"),
+            series_description=request.describe(model.name, "Overlay", revision),
             notice=request.notice,
         )
         for number, overlay in enumerate(overlays, start=1):
-            path = output_dir / f"{OVERLAY_PREFIX}{number:03d}.dcm"
-            write_dataset_atomic(overlay, path)
-            files.append(path)
+            files.append(_write(overlay, output_dir / f"{OVERLAY_PREFIX}{number:03d}.dcm"))
     return files, measurements
 
 
@@ -240,14 +348,8 @@ def _measure_and_draw(
     return measurements, images
 
 
-def _classify(
-    job_id: int,
-    model: ClassificationModel,
-    paths: list[Path],
-    output_dir: Path,
-    request: OutputRequest,
-) -> dict[str, Any]:
-    """Series (or each image of it) -> class probabilities -> SR."""
+def _classify(request: JobRequest, model: ClassificationModel, paths: list[Path]) -> JobOutcome:
+    """Series (or each image of it) -> class probabilities -> SR (+ rejection notes)."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
     try:
@@ -256,7 +358,7 @@ def _classify(
         else:
             sources = [load_series(paths)]
     except SeriesError as exc:
-        return _failed(job_id, str(exc))
+        return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
@@ -266,7 +368,7 @@ def _classify(
             probabilities = model.predict(source.volume)
         except ModelError as exc:
             name = source.datasets[0].get("SOPInstanceUID", "?")
-            return _failed(job_id, f"{model.name} on instance {name}: {exc}")
+            return _failed(request.job_id, f"{model.name} on instance {name}: {exc}")
         if len(probabilities) != len(model.classes):
             raise RuntimeError(
                 f"model {model.name} returned {len(probabilities)} probabilities for "
@@ -277,23 +379,25 @@ def _classify(
 
     mark = time.perf_counter()
     first = sources[0].datasets[0]
-    uids = ResultUids.for_job(first.SeriesInstanceUID, model.name, model.version)
+    uids = _uids(request, str(first.SeriesInstanceUID), model.version)
+    outputs = request.outputs
     sr, findings = build_classification_sr(
         results,
         model,
         uids,
-        series_number=request.sr_series_number,
-        series_description=request.describe(model.name, "SR"),
+        series_number=outputs.sr_series_number,
+        series_description=outputs.describe(model.name, "SR", request.revision),
+        previous_versions=_predecessors(_previous_reports(request), SR_FILE),
     )
+    output_dir = Path(request.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    sr_path = output_dir / SR_FILE
-    write_dataset_atomic(sr, sr_path)
+    report = _write(sr, output_dir / SR_FILE)
+    notes, by_destination = _rejection_notes(request, first, uids, output_dir)
     timings["results"] = time.perf_counter() - mark
-    return {
-        "status": "ok",
-        "files": [str(sr_path)],
-        "empty": False,
-        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
-        "findings": [f.as_dict() for f in findings],
-        "timings_s": timings,
-    }
+    return JobOutcome(
+        status="ok",
+        files=(report, *notes),
+        findings=tuple(f.as_dict() for f in findings),
+        timings_s=timings,
+        rejection_notes=by_destination,
+    )

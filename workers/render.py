@@ -53,13 +53,15 @@ def _segments(seg: hd.seg.Segmentation) -> list[SegmentInfo]:
     return segments
 
 
-def render_job(series_dir: Path, results_dir: Path, out_dir: Path, notice: str = "") -> list[Path]:
+def render_job(
+    source_paths: list[Path], results_dir: Path, out_dir: Path, notice: str = ""
+) -> list[Path]:
     """Write one PNG per segment of the job's SEG into ``out_dir``.
 
     Parameters
     ----------
-    series_dir
-        The job's source instances (the spool folder).
+    source_paths
+        The job's source instances (its manifest's files).
     results_dir
         The job's result files.
     out_dir
@@ -92,7 +94,7 @@ def render_job(series_dir: Path, results_dir: Path, out_dir: Path, notice: str =
             Image.fromarray(dcmread(path).pixel_array).save(target)
             written.append(target)
         return written
-    series = load_series(sorted(series_dir.glob("*.dcm")))
+    series = load_series(source_paths)
     seg = hd.seg.segread(segs[0])
     label_map = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in series.datasets],

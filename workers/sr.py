@@ -208,8 +208,10 @@ def _report(
     series_description: str | None,
     sop_instance_uid: str | None = None,
     instance_number: int = 1,
+    previous_versions: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
-    """The SR document: ``model`` as the observer device, ``groups`` as its content."""
+    """The SR document: ``model`` as the observer device, ``groups`` as its content,
+    naming ``previous_versions`` in its Predecessor Documents Sequence."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -237,6 +239,7 @@ def _report(
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),
         device_serial_number=device_serial_number,
+        previous_versions=list(previous_versions) or None,
     )
     logger.info(
         "built SR with %d measurement groups for model %s %s",
@@ -262,6 +265,7 @@ def build_sr(
     instance_number: int = 1,
     measurements: Sequence[SegmentMeasurement] | None = None,
     device_serial_number: str = "1",
+    previous_versions: Sequence[Dataset] = (),
 ) -> tuple[hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
     """Build the TID 1500 Measurement Report for the segments of ``seg``.
 
@@ -294,6 +298,9 @@ def build_sr(
         caller has them already; measured here when None.
     device_serial_number
         DeviceSerialNumber written in the equipment module.
+    previous_versions
+        The SRs this one replaces (SOP class, instance, series and study UIDs), listed
+        in its Predecessor Documents Sequence.
 
     Returns
     -------
@@ -381,6 +388,7 @@ def build_sr(
         series_description,
         sop_instance_uid,
         instance_number,
+        previous_versions,
     )
     return sr, measurements
 
@@ -393,6 +401,7 @@ def build_classification_sr(
     series_number: int = SR_SERIES_NUMBER,
     series_description: str | None = None,
     device_serial_number: str = "1",
+    previous_versions: Sequence[Dataset] = (),
 ) -> tuple[hd.sr.Comprehensive3DSR, list[ClassFinding]]:
     """Build the TID 1500 Measurement Report of a classification.
 
@@ -413,6 +422,8 @@ def build_classification_sr(
         SeriesDescription; "pacsnode <model> SR" when None.
     device_serial_number
         DeviceSerialNumber written in the equipment module.
+    previous_versions
+        The SRs this one replaces, listed in its Predecessor Documents Sequence.
 
     Returns
     -------
@@ -482,6 +493,13 @@ def build_classification_sr(
             )
     evidence = [ds for source, _ in results for ds in source.datasets]
     sr = _report(
-        model, groups, evidence, uids, series_number, device_serial_number, series_description
+        model,
+        groups,
+        evidence,
+        uids,
+        series_number,
+        device_serial_number,
+        series_description,
+        previous_versions=previous_versions,
     )
     return sr, findings

@@ -1,8 +1,11 @@
 """Deterministic UIDs for result objects.
 
 A job that runs twice (Celery redelivery, a restart) must produce the same SEG and SR
-UIDs so the PACS de-duplicates them. Every UID is therefore derived from the job's
-inputs: the source series, the model name and the model version.
+UIDs so the PACS de-duplicates them, and a run on different input must never reuse
+them. Every UID is therefore derived from the job's inputs: the source series, the
+model name and version, and the job's input key
+(:attr:`workers.contract.JobRequest.result_key`: the manifest's digest, which instances
+with which bytes, the result version and what to write).
 """
 
 from __future__ import annotations
@@ -61,7 +64,11 @@ class ResultUids:
 
     @classmethod
     def for_job(
-        cls, source_series_instance_uid: str, model_name: str, model_version: str
+        cls,
+        source_series_instance_uid: str,
+        model_name: str,
+        model_version: str,
+        input_key: str,
     ) -> ResultUids:
         """The result UIDs for running ``model_name`` ``model_version`` on a series.
 
@@ -73,13 +80,16 @@ class ResultUids:
             Registered name of the model.
         model_version
             Version of the model; a new version gives new objects.
+        input_key
+            :attr:`workers.contract.JobRequest.result_key` of the job; other instances,
+            other bytes or another version give new objects.
 
         Returns
         -------
         ResultUids
             The same values for the same arguments, on any machine.
         """
-        job = (source_series_instance_uid, model_name, model_version)
+        job = (source_series_instance_uid, model_name, model_version, input_key)
         return cls(
             seg_series_instance_uid=derive_uid(*job, "seg-series"),
             seg_sop_instance_uid=derive_uid(*job, "seg-instance"),

@@ -82,11 +82,11 @@ def destination() -> Iterator[StoreSCP]:
         yield scp
 
 
-@pytest.fixture
-def node(tmp_path: Path, destination: StoreSCP) -> Iterator[NodeProcess]:
-    """``pacsnode run`` with one CT rule sending to ``destination``."""
+def ct_node_config(data_dir: Path, destination: StoreSCP, **settings: Any) -> dict[str, Any]:
+    """A node config with the CT rule sending to ``destination`` (as ``pacs``) on a free
+    port; ``settings`` go to :func:`tests.node_process.node_config`."""
     config = node_config(
-        tmp_path / "data",
+        data_dir,
         port=0,
         destinations={
             "pacs": {
@@ -96,8 +96,16 @@ def node(tmp_path: Path, destination: StoreSCP) -> Iterator[NodeProcess]:
             }
         },
         rules=[CT_RULE],
+        **settings,
     )
     del config["node"]["port"]  # NodeProcess picks a free one
+    return config
+
+
+@pytest.fixture
+def node(tmp_path: Path, destination: StoreSCP) -> Iterator[NodeProcess]:
+    """``pacsnode run`` with one CT rule sending to ``destination``."""
+    config = ct_node_config(tmp_path / "data", destination)
     with NodeProcess(tmp_path, config) as process:
         yield process
 

@@ -76,7 +76,8 @@ def test_rejected_destination_fails_the_job_and_retry_delivers(
 
             listing = _pacsnode("jobs", "--config", str(node.config_path))
             assert listing.returncode == 0
-            assert f"{job.id:>5}  failed" in listing.stdout
+            assert listing.stdout.splitlines()[0].split()[:3] == ["JOB", "REV", "STATE"]
+            assert f"{job.id:>5}    1  failed" in listing.stdout
             assert "association permanently rejected" in listing.stdout
 
             refusing.stop()

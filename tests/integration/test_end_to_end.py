@@ -36,17 +36,18 @@ def test_series_comes_back_as_seg_and_sr(
     sent = run_storescu("127.0.0.1", node.port, NODE_AE_TITLE, "SCANNER", series_dir)
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
-    # The spool holds the bytes as sent: same transfer syntax, same pixel data.
+    jobs = node.wait_for_jobs(1, {JobStateValues.DELIVERED, JobStateValues.FAILED})
+    # The job's manifest names the spooled files, which hold the bytes as sent: same
+    # transfer syntax, same pixel data.
+    assert jobs[0].manifest is not None
+    spooled_by_uid = {i.sop_instance_uid: Path(i.path) for i in jobs[0].manifest.instances}
     for path in series_dir.glob("*.dcm"):
         sent_ds = dcmread(path)
-        spooled = dcmread(
-            node.data_dir / "spool" / sent_ds.StudyInstanceUID / sent_ds.SeriesInstanceUID
-            / f"{sent_ds.SOPInstanceUID}.dcm"
-        )  # fmt: skip
+        spooled = dcmread(spooled_by_uid.pop(str(sent_ds.SOPInstanceUID)))
         assert spooled.file_meta.TransferSyntaxUID == sent_ds.file_meta.TransferSyntaxUID
         assert spooled.PixelData == sent_ds.PixelData
+    assert spooled_by_uid == {}
 
-    jobs = node.wait_for_jobs(1, {JobStateValues.DELIVERED, JobStateValues.FAILED})
     assert [(job.model, job.state, job.reason) for job in jobs] == [
         ("ct-tissue", JobStateValues.DELIVERED, None)
     ]

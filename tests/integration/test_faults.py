@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from node.state import JobStateValues
+from node.state import JobStateValues, SeriesRecord, SeriesStateValues, StateDB
 from tests.dicom_factory import write_broken_file
-from tests.integration.conftest import make_phantom_series
+from tests.integration.conftest import ct_node_config, make_phantom_series
 from tests.node_process import NODE_AE_TITLE, NodeProcess
 from tests.peers import STORESCU, StoreSCP, dcmtk_env, run_storescu, wait_for
 
@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.serial]
 FINISHED = {JobStateValues.DELIVERED, JobStateValues.FAILED}
 
 
-def _send(node: NodeProcess, folder: Path, calling_ae: str = "SCANNER") -> None:
+def _send(node: NodeProcess, folder: Path | list[Path], calling_ae: str = "SCANNER") -> None:
     sent = run_storescu("127.0.0.1", node.port, NODE_AE_TITLE, calling_ae, folder)
     assert sent.returncode == 0, sent.stdout + sent.stderr
 
@@ -198,3 +198,51 @@ def _child_pid(parent: int, command_part: str) -> int:
         [pgrep, "-P", str(parent), "-f", command_part], capture_output=True, text=True, check=True
     )
     return int(found.stdout.split()[0])
+
+
+def test_sigkill_between_a_late_instance_and_its_rerun(
+    tmp_path: Path, destination: StoreSCP
+) -> None:
+    """The late instance is recorded (series receiving again) before Success; a node
+    killed before the quiet period ends reruns the study after restart, once."""
+    series = sorted(make_phantom_series(tmp_path / "ct", "RERUN").glob("*.dcm"))
+    config = ct_node_config(tmp_path / "data", destination, quiet_seconds=5.0)
+    with NodeProcess(tmp_path / "node", config) as node:
+        _send(node, series[:-1])
+        (first,) = node.wait_for_jobs(1, FINISHED)
+        assert first.state == JobStateValues.DELIVERED
+        _send(node, series[-1:])
+        node.kill()  # well inside the 5 s quiet period
+        db = StateDB(node.data_dir / "state.db")
+        try:
+            record = db.series(first.series_instance_uid)
+            assert record is not None
+            assert (record.state, record.reopened) == (SeriesStateValues.RECEIVING, 1)
+            assert len(db.jobs()) == 1
+        finally:
+            db.close()
+        node.start()
+        jobs = node.wait_for_jobs(2, FINISHED)
+        assert [(j.state, j.revision) for j in jobs] == [
+            (JobStateValues.DELIVERED, 1),
+            (JobStateValues.DELIVERED, 2),
+        ]
+        assert jobs[1].manifest is not None
+        assert len(jobs[1].manifest.instances) == len(series)
+        wait_for(
+            lambda: not any(
+                s.state == SeriesStateValues.RECEIVING for s in _series_records(node)
+            ) or None,
+            30,
+            "the study routed",
+        )  # fmt: skip
+        assert len(node.jobs()) == 2
+    assert len(destination.wait_for_files(4)) == 4
+
+
+def _series_records(node: NodeProcess) -> list[SeriesRecord]:
+    db = StateDB(node.data_dir / "state.db")
+    try:
+        return [s for state in SeriesStateValues for s in db.series_in_state(state)]
+    finally:
+        db.close()

@@ -16,6 +16,7 @@ from models.network import BUNDLES_DIR, network_model_class
 from models.registry import available_models, get_model_class, get_segmentation_model
 from models.spec import SPEC_FILE, ModelSpecError
 from tests.dicom_factory import ChestPhantom, chest_phantom, write_ct_series
+from tests.job_requests import job_request
 from tests.peers import dciodvfy_errors
 from workers.pipeline import run_job
 from workers.series import load_series
@@ -152,13 +153,11 @@ def test_metadata_without_channel_def_named(tmp_path: Path) -> None:
 
 
 def test_run_job_writes_valid_seg_and_sr(series_dir: Path, tmp_path: Path) -> None:
-    result = run_job(
-        job_id=1, model_name="ct-bone-demo", series_dir=series_dir, output_dir=tmp_path
-    )
-    assert result["status"] == "ok", result
-    assert len(result["files"]) == 2
-    for path in result["files"]:
-        assert dciodvfy_errors(path) == [], path
+    result = run_job(job_request(series_dir, "ct-bone-demo", tmp_path))
+    assert result.status == "ok", result
+    assert [f.name for f in result.files] == ["seg-binary.dcm", "sr.dcm"]
+    for written in result.files:
+        assert dciodvfy_errors(written.path) == [], written
 
 
 def test_torchscript_bundle(tmp_path: Path, series_dir: Path, model: SegmentationModel) -> None:

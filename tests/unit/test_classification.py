@@ -24,6 +24,7 @@ from tests.dicom_factory import (
     write_ct_series,
     write_radiographs,
 )
+from tests.job_requests import job_request
 from tests.peers import dciodvfy_errors
 from tests.sr_reading import read_findings
 from workers.pipeline import run_job
@@ -89,15 +90,15 @@ def test_run_job_sr_says_what_the_model_returned(
     demo: ClassificationModel, radiographs: tuple[Path, list[bool]], tmp_path: Path
 ) -> None:
     folder, _ = radiographs
-    result = run_job(job_id=1, model_name="xr-nodule-demo", series_dir=folder, output_dir=tmp_path)
-    assert result["status"] == "ok", result
-    (sr_path,) = result["files"]
+    result = run_job(job_request(folder, "xr-nodule-demo", tmp_path))
+    assert result.status == "ok", result
+    (sr_path,) = (f.path for f in result.files)
     assert dciodvfy_errors(sr_path) == []
     sr = dcmread(sr_path)
     findings = read_findings(sr)
     images = load_images(sorted(folder.glob("*.dcm")))
-    assert len(findings) == len(images) == len(result["findings"])
-    for image, reported in zip(images, result["findings"], strict=True):
+    assert len(findings) == len(images) == len(result.findings)
+    for image, reported in zip(images, result.findings, strict=True):
         (probability,) = demo.predict(image.volume)
         number = image.datasets[0].InstanceNumber
         code, in_sr, verdict = findings[f"Nodule (image {number})"]
@@ -233,17 +234,15 @@ def test_dropped_into_models_folder_runs_by_name(
     registry.register_model(classes[0])
     phantom = chest_phantom(shape=(8, 64, 64), spacing_mm=(5.0, 3.0, 3.0))
     write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
-    result = run_job(
-        job_id=2, model_name="ct-grade-test", series_dir=tmp_path / "ct", output_dir=tmp_path
-    )
-    assert result["status"] == "ok", result
-    findings = read_findings(dcmread(result["files"][0]))
+    result = run_job(job_request(tmp_path / "ct", "ct-grade-test", tmp_path, job_id=2))
+    assert result.status == "ok", result
+    findings = read_findings(dcmread(result.files[0].path))
     assert sorted(findings) == ["Grade 1", "Grade 2", "Grade 3"]
-    for reported in result["findings"]:
+    for reported in result.findings:
         _, probability, verdict = findings[reported["name"]]
         assert probability == pytest.approx(reported["probability"], rel=1e-9)
         assert verdict == ("present" if reported["probability"] >= 0.4 else "absent")
-    assert dciodvfy_errors(result["files"][0]) == []
+    assert dciodvfy_errors(result.files[0].path) == []
 
 
 def test_segmentation_network_with_too_few_channels_fails_clearly(tmp_path: Path) -> None:

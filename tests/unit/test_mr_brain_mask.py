@@ -23,6 +23,7 @@ from models.base import ModelError, OrientationValues, SegmentationModel, Volume
 from models.mr_brain_mask import BRAIN, MrBrainMaskModel, deepbet_weights_dir
 from models.registry import get_model_class, get_segmentation_model
 from tests.dicom_factory import CH2_BET_PATH, CH2_PATH, write_mr_series_from_nifti
+from tests.job_requests import job_request
 from tests.peers import dciodvfy_errors
 from tests.sr_reading import read_volumes_ml
 from workers.pipeline import run_job
@@ -218,18 +219,16 @@ def test_refuses_other_modalities_and_blank_or_brainless_images(
 def test_run_job_writes_valid_seg_and_sr(
     series_dir: Path, model: SegmentationModel, tmp_path: Path
 ) -> None:
-    result = run_job(
-        job_id=1, model_name="mr-brain-mask", series_dir=series_dir, output_dir=tmp_path
-    )
-    assert result["status"] == "ok", result
-    seg_path, sr_path = (Path(p) for p in result["files"])
+    result = run_job(job_request(series_dir, "mr-brain-mask", tmp_path))
+    assert result.status == "ok", result
+    seg_path, sr_path = (Path(f.path) for f in result.files)
     for path in (seg_path, sr_path):
         assert dciodvfy_errors(path) == [], path
     seg = dcmread(seg_path)
     assert seg.Modality == "SEG"
     assert seg.SegmentSequence[0].SegmentLabel == "Brain"
     assert seg.NumberOfFrames > 100
-    (measurement,) = result["measurements"]
+    (measurement,) = result.measurements
     assert measurement["name"] == "Brain"
     assert BRAIN_ML_RANGE[0] <= float(measurement["volume_ml"]) <= BRAIN_ML_RANGE[1]
     assert read_volumes_ml(dcmread(sr_path)) == pytest.approx({"Brain": measurement["volume_ml"]})

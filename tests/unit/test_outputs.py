@@ -14,6 +14,7 @@ from models import registry
 from models.base import Code, LabelSpec, SegmentationModel, Volume
 from node.config import Config
 from tests.dicom_factory import chest_phantom, write_ct_series
+from tests.job_requests import job_request
 from tests.peers import dciodvfy_errors
 from tests.sr_reading import read_absent
 from workers.outputs import DEFAULT_SEG, OutputProfile, OutputRequest, SegVariant
@@ -113,15 +114,11 @@ def test_empty_result_is_delivered_as_absent_findings(
     write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
     request = OutputRequest.for_profiles([MODERN, EVERYTHING], notice="")
     result = run_job(
-        job_id=1,
-        model_name="nothing-found",
-        series_dir=tmp_path / "ct",
-        output_dir=tmp_path / "out",
-        outputs=request,
+        job_request(tmp_path / "ct", "nothing-found", tmp_path / "out", outputs=request)
     )
-    assert result["status"] == "ok", result
-    assert result["empty"] is True
-    names = sorted(Path(p).name for p in result["files"])
+    assert result.status == "ok", result
+    assert result.empty is True
+    names = sorted(f.name for f in result.files)
     assert names == [
         "seg-binary-all-frames.dcm",
         "seg-labelmap.dcm",
@@ -133,9 +130,9 @@ def test_empty_result_is_delivered_as_absent_findings(
     assert sr.SeriesDescription == "nothing-found SR"
     seg = dcmread(tmp_path / "out" / "seg-binary-all-frames.dcm")
     assert int(seg.NumberOfFrames) == 2 * 8
-    for path in result["files"]:
-        if "labelmap" not in path:  # the label-map pair: dciodvfy predates its IOD
-            assert dciodvfy_errors(path) == [], path
+    for written in result.files:
+        if "labelmap" not in written.name:  # the label-map pair: dciodvfy predates its IOD
+            assert dciodvfy_errors(written.path) == [], written
 
 
 def test_the_request_carries_each_destinations_profile_through_json() -> None:
@@ -165,13 +162,8 @@ def test_a_misplaced_seg_leaves_nothing_to_send(
     monkeypatch.setattr(pipeline, "check_seg_placement", fail_labelmap)
     phantom = chest_phantom(shape=(8, 64, 64), spacing_mm=(5.0, 3.0, 3.0))
     write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
-    result = run_job(
-        job_id=3,
-        model_name="ct-tissue",
-        series_dir=tmp_path / "ct",
-        output_dir=tmp_path / "out",
-        outputs=OutputRequest.for_profiles([OutputProfile(), MODERN]),
-    )
-    assert result["status"] == "failed"
-    assert "seg-labelmap.dcm: frame 3 is 1.000 mm" in result["reason"]
+    outputs = OutputRequest.for_profiles([OutputProfile(), MODERN])
+    result = run_job(job_request(tmp_path / "ct", "ct-tissue", tmp_path / "out", outputs=outputs))
+    assert result.status == "failed"
+    assert "seg-labelmap.dcm: frame 3 is 1.000 mm" in str(result.reason)
     assert list((tmp_path / "out").iterdir()) == []

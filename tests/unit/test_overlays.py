@@ -13,7 +13,9 @@ from scipy import ndimage
 from models.base import LabelSpec
 from models.registry import get_segmentation_model
 from tests.dicom_factory import chest_phantom, write_ct_series
+from tests.job_requests import job_request
 from tests.peers import dciodvfy_errors
+from workers.contract import JobOutcome
 from workers.outputs import OutputProfile, OutputRequest
 from workers.overlays import key_images
 from workers.pipeline import run_job
@@ -29,7 +31,7 @@ def _segment(spec: LabelSpec) -> SegmentInfo:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, object]]:
+def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, JobOutcome]:
     """ct-tissue on the phantom with overlays and a LABELMAP SEG requested."""
     folder = tmp_path_factory.mktemp("overlay")
     phantom = chest_phantom(shape=(8, 160, 160), spacing_mm=SPACING)
@@ -41,18 +43,14 @@ def job(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str,
         [OutputProfile(seg="labelmap", overlays=True)], notice="DEMO ONLY"
     )
     result = run_job(
-        job_id=7,
-        model_name="ct-tissue",
-        series_dir=folder / "ct",
-        output_dir=folder / "out",
-        outputs=request,
+        job_request(folder / "ct", "ct-tissue", folder / "out", job_id=7, outputs=request)
     )
-    assert result["status"] == "ok", result
+    assert result.status == "ok", result
     return folder / "ct", folder / "out", result
 
 
 def test_one_valid_overlay_per_segment_on_its_largest_slice(
-    job: tuple[Path, Path, dict[str, object]],
+    job: tuple[Path, Path, JobOutcome],
 ) -> None:
     series_dir, out, _ = job
     series = load_series(sorted(series_dir.glob("*.dcm")))
@@ -90,11 +88,11 @@ def test_one_valid_overlay_per_segment_on_its_largest_slice(
 
 
 def test_render_writes_the_same_pictures_from_the_seg(
-    job: tuple[Path, Path, dict[str, object]], tmp_path: Path
+    job: tuple[Path, Path, JobOutcome], tmp_path: Path
 ) -> None:
     """render reads the label map back from the LABELMAP SEG and draws what was sent."""
     series_dir, out, _ = job
-    pngs = render_job(series_dir, out, tmp_path / "png", notice="DEMO ONLY")
+    pngs = render_job(sorted(series_dir.glob("*.dcm")), out, tmp_path / "png", notice="DEMO ONLY")
     assert [p.name.split("-slice")[0] for p in pngs] == ["001-soft-tissue", "002-lung", "003-bone"]
     for png, overlay in zip(pngs, sorted(out.glob("overlay-*.dcm")), strict=True):
         np.testing.assert_array_equal(np.asarray(Image.open(png)), dcmread(overlay).pixel_array)
@@ -103,4 +101,4 @@ def test_render_writes_the_same_pictures_from_the_seg(
 def test_render_explains_a_job_without_images(tmp_path: Path) -> None:
     (tmp_path / "results").mkdir()
     with pytest.raises(RenderError, match="holds no SEG and no overlay images"):
-        render_job(tmp_path, tmp_path / "results", tmp_path / "png")
+        render_job([], tmp_path / "results", tmp_path / "png")

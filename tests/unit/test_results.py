@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 from typing import Literal
@@ -15,7 +14,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 import pytest
-from pydicom import Dataset, config, dcmread
+from pydicom import Dataset, dcmread
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
@@ -29,6 +28,7 @@ from tests.sr_reading import (
     read_stds,
     read_volumes_ml,
 )
+from tests.validation import enforce_valid_values  # noqa: F401 (autouse)
 from workers.seg import SegmentInfo, build_seg
 from workers.series import LoadedSeries, load_series
 from workers.sr import SegmentMeasurement, build_sr
@@ -54,20 +54,6 @@ class FakeOrgans(SegmentationModel):
 
     def predict(self, volume: Volume) -> npt.NDArray[np.uint8]:
         return np.zeros(volume.voxels.shape, dtype=np.uint8)
-
-
-@pytest.fixture(autouse=True)
-def enforce_valid_values() -> Iterator[None]:
-    """Build and read under pydicom's strict validation (highdicom tests/conftest.py)."""
-    reading, writing = (
-        config.settings.reading_validation_mode,
-        config.settings.writing_validation_mode,
-    )
-    config.settings.reading_validation_mode = config.RAISE
-    config.settings.writing_validation_mode = config.RAISE
-    yield
-    config.settings.reading_validation_mode = reading
-    config.settings.writing_validation_mode = writing
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +84,7 @@ def model() -> FakeOrgans:
 @pytest.fixture
 def uids(series: LoadedSeries) -> ResultUids:
     return ResultUids.for_job(
-        series.datasets[0].SeriesInstanceUID, FakeOrgans.name, FakeOrgans.version
+        series.datasets[0].SeriesInstanceUID, FakeOrgans.name, FakeOrgans.version, "d"
     )
 
 
@@ -139,15 +125,16 @@ def test_derive_uid_needs_parts() -> None:
         derive_uid()
 
 
-def test_result_uids_depend_on_series_model_and_version() -> None:
-    first = ResultUids.for_job("1.2.3", "m", "1")
-    assert first == ResultUids.for_job("1.2.3", "m", "1")
+def test_result_uids_depend_on_series_model_version_and_input() -> None:
+    first = ResultUids.for_job("1.2.3", "m", "1", "d")
+    assert first == ResultUids.for_job("1.2.3", "m", "1", "d")
     values = dataclasses.astuple(first)
     assert len(set(values)) == 4
     for other in (
-        ResultUids.for_job("1.2.4", "m", "1"),
-        ResultUids.for_job("1.2.3", "n", "1"),
-        ResultUids.for_job("1.2.3", "m", "2"),
+        ResultUids.for_job("1.2.4", "m", "1", "d"),
+        ResultUids.for_job("1.2.3", "n", "1", "d"),
+        ResultUids.for_job("1.2.3", "m", "2", "d"),
+        ResultUids.for_job("1.2.3", "m", "1", "e"),  # other instances or other bytes
     ):
         assert not set(values) & set(dataclasses.astuple(other))
 
@@ -413,7 +400,7 @@ def test_building_twice_gives_identical_uids(
 ) -> None:
     first = build_all(series, label_map, model, uids)
     again = ResultUids.for_job(
-        series.datasets[0].SeriesInstanceUID, FakeOrgans.name, FakeOrgans.version
+        series.datasets[0].SeriesInstanceUID, FakeOrgans.name, FakeOrgans.version, "d"
     )
     second = build_all(series, label_map, FakeOrgans(), again)
 

@@ -201,7 +201,7 @@ def _round_trip(tmp_path: Path, model: SegmentationModel, geometry: Geometry) ->
     series = load_series(paths)
     label_map = model.predict(series.volume)
     series_uid = str(series.datasets[0].SeriesInstanceUID)
-    uids = ResultUids.for_job(series_uid, model.name, model.version)
+    uids = ResultUids.for_job(series_uid, model.name, model.version, "d")
     seg, segments = build_seg(series, label_map, model, uids)
     seg_path = write_dataset_atomic(seg, tmp_path / "seg.dcm")
     frames = int(dcmread(seg_path, stop_before_pixels=True).NumberOfFrames)

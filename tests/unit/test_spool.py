@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from node.app import recover_spool
 from node.spool import InvalidUIDError, Spool, check_uid
 from node.state import StateDB
 from tests.dicom_factory import write_ct_series
+from workers.contract import file_digest
 
 
 @pytest.mark.parametrize(
@@ -28,15 +30,19 @@ def test_valid_uid_passes_with_padding_removed() -> None:
 
 def test_write_is_whole_and_leaves_nothing_behind(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
-    path = spool.write(
+    written = spool.write(
         study_instance_uid="1.2",
         series_instance_uid="1.2.3",
         sop_instance_uid="1.2.3.4",
         file_meta=b"META",
         dataset=memoryview(b"DATA"),
     )
-    assert path == tmp_path / "spool" / "1.2" / "1.2.3" / "1.2.3.4.dcm"
-    assert path.read_bytes() == b"\x00" * 128 + b"DICM" + b"METADATA"
+    expected = b"\x00" * 128 + b"DICM" + b"METADATA"
+    digest = hashlib.sha256(expected).hexdigest()
+    assert written.path == tmp_path / "spool" / "1.2" / "1.2.3" / f"1.2.3.4_{digest[:16]}.dcm"
+    assert written.path.read_bytes() == expected
+    assert (written.size, written.sha256) == (len(expected), hashlib.sha256(expected).hexdigest())
+    assert file_digest(written.path) == (written.size, written.sha256)
     assert list(spool.incoming.iterdir()) == []
 
 
@@ -71,7 +77,10 @@ def test_recover_spool_records_what_the_db_missed(tmp_path: Path) -> None:
 
     for source in files:
         ds = dcmread(source)
-        target = spool.path_for(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+        sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+        target = spool.path_for(
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, sha256
+        )
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(source.read_bytes())
     (spool.incoming / "abc.part").write_bytes(b"half")
@@ -80,3 +89,27 @@ def test_recover_spool_records_what_the_db_missed(tmp_path: Path) -> None:
     assert list(spool.incoming.iterdir()) == []
     series_uid = dcmread(files[0]).SeriesInstanceUID
     assert db.instance_count(series_uid) == 3
+    manifest = db.manifest(series_uid)
+    assert manifest is not None
+    assert sorted(i.sha256 for i in manifest.instances) == sorted(
+        hashlib.sha256(f.read_bytes()).hexdigest() for f in files
+    )
+
+
+def test_identical_resend_is_not_written_again_and_a_changed_one_has_its_own_file(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    uids = {"study_instance_uid": "1.2", "series_instance_uid": "1.2.3", "sop_instance_uid": "1.4"}
+    first = spool.write(**uids, file_meta=b"META", dataset=b"DATA")
+    inode = first.path.stat().st_ino
+    again = spool.write(**uids, file_meta=b"META", dataset=b"DATA", stored_sha256=first.sha256)
+    assert again == first
+    assert first.path.stat().st_ino == inode  # untouched
+    changed = spool.write(**uids, file_meta=b"META", dataset=b"ATAD", stored_sha256=first.sha256)
+    assert changed.sha256 != first.sha256
+    assert changed.path.parent == first.path.parent
+    assert changed.path != first.path
+    assert changed.path.read_bytes().endswith(b"METAATAD")
+    assert first.path.read_bytes().endswith(b"METADATA")  # a manifest may still name it
+    assert {i.sop_instance_uid for i in spool.scan()} == {"1.4"}

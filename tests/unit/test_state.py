@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -10,12 +12,17 @@ from node.state import (
     DeliveryStateValues,
     JobStateValues,
     PlannedJob,
+    Receipt,
+    ReceiptValues,
     SeriesStateValues,
     StateDB,
+    StateDBError,
 )
+from workers.contract import JobOutcome, JobRequest, Manifest, ManifestInstance
 
 SERIES = "1.2.3.4"
 STUDY = "1.2.3"
+OK = JobOutcome(status="ok")
 
 
 @pytest.fixture
@@ -23,52 +30,197 @@ def db(tmp_path: Path) -> StateDB:
     return StateDB(tmp_path / "state.db")
 
 
-def _receive(db: StateDB, sop: str, at: float) -> bool:
+def _receive(
+    db: StateDB,
+    sop: str,
+    at: float,
+    content: str = "",
+    *,
+    series: str = SERIES,
+    rerun_late: bool = True,
+) -> Receipt:
     return db.record_instance(
         sop_instance_uid=sop,
         sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-        series_instance_uid=SERIES,
+        series_instance_uid=series,
         study_instance_uid=STUDY,
         calling_ae_title="SCANNER",
-        path=Path(f"/spool/{sop}.dcm"),
+        path=Path(f"/spool/{series}/{sop}.dcm"),
+        size=len(content),
+        sha256=hashlib.sha256((sop + content).encode()).hexdigest(),
+        rerun_late=rerun_late,
         received_at=at,
     )
 
 
-def test_series_completes_after_quiet_period_and_late_instances_are_kept(db: StateDB) -> None:
-    assert not _receive(db, "1.1", at=100.0)
-    assert not _receive(db, "1.2", at=105.0)
-    assert not _receive(db, "1.2", at=106.0)  # the same instance again: one record
+def _request(job_id: int) -> JobRequest:
+    job_manifest = Manifest(
+        series_instance_uid=SERIES,
+        instances=(ManifestInstance(sop_instance_uid="1", path="/x", size=0, sha256="0" * 64),),
+    )
+    return JobRequest(job_id=job_id, model="m", manifest=job_manifest, output_dir="/out")
+
+
+def test_series_completes_after_quiet_period_and_keep_leaves_late_instances_out(
+    db: StateDB,
+) -> None:
+    assert _receive(db, "1.1", at=100.0).kind == ReceiptValues.NEW
+    assert _receive(db, "1.2", at=105.0).kind == ReceiptValues.NEW
+    assert _receive(db, "1.2", at=106.0).kind == ReceiptValues.DUPLICATE  # one record
     assert db.instance_count(SERIES) == 2
-    assert db.series_quiet_since(106.0) == []
+    assert db.series_quiet_since(106.0) == []  # a duplicate keeps a receiving series open
     assert [s.series_instance_uid for s in db.series_quiet_since(106.5)] == [SERIES]
 
     db.mark_series_complete(SERIES)
-    assert _receive(db, "1.3", at=200.0)  # late
+    receipt = _receive(db, "1.3", at=200.0, rerun_late=False)
+    assert (receipt.kind, receipt.late, receipt.reopened) == (ReceiptValues.NEW, True, False)
     record = db.series(SERIES)
     assert record is not None
     assert record.state == SeriesStateValues.COMPLETE
     assert record.late_instances == 1
     assert db.instance_count(SERIES) == 2  # late ones are kept but not part of the series
-    assert len(db.known_instance_paths()) == 3
+    assert db.known_sop_instance_uids() == {"1.1", "1.2", "1.3"}
+
+
+def test_a_late_instance_reopens_its_series_with_rerun(db: StateDB) -> None:
+    _receive(db, "1.1", at=100.0)
+    db.mark_series_complete(SERIES)
+    db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")])
+    receipt = _receive(db, "1.2", at=200.0)
+    assert (receipt.kind, receipt.late, receipt.reopened) == (ReceiptValues.NEW, True, True)
+    record = db.series(SERIES)
+    assert record is not None
+    assert (record.state, record.reopened, record.last_received) == (
+        SeriesStateValues.RECEIVING,
+        1,
+        200.0,
+    )
+    assert db.instance_count(SERIES) == 2  # now part of the series
+
+
+def test_identical_resend_of_a_routed_instance_changes_nothing(db: StateDB) -> None:
+    _receive(db, "1.1", at=100.0)
+    db.mark_series_complete(SERIES)
+    db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")])
+    before = db.series(SERIES)
+    assert _receive(db, "1.1", at=300.0) == Receipt(ReceiptValues.DUPLICATE)
+    assert db.series(SERIES) == before  # not late, not reopened, not touched
+    assert db.instance_count(SERIES) == 1
+
+
+def test_changed_resend_replaces_the_instance_and_reopens(db: StateDB) -> None:
+    _receive(db, "1.1", at=100.0)
+    _receive(db, "1.2", at=100.0)
+    db.mark_series_complete(SERIES)
+    db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")])
+    first = db.manifest(SERIES)
+    receipt = _receive(db, "1.2", at=200.0, content="other pixels")
+    assert (receipt.kind, receipt.reopened) == (ReceiptValues.CHANGED, True)
+    second = db.manifest(SERIES)
+    assert first is not None
+    assert second is not None
+    assert len(second.instances) == 2
+    assert second.digest != first.digest
+    changed = {i.sop_instance_uid: i for i in second.instances}["1.2"]
+    assert changed.sha256 == hashlib.sha256(b"1.2other pixels").hexdigest()
+    assert changed.size == len("other pixels")
+
+
+def test_an_instance_moved_to_another_series_leaves_the_old_one(db: StateDB) -> None:
+    _receive(db, "1.1", at=100.0)
+    _receive(db, "1.2", at=100.0)
+    receipt = _receive(db, "1.2", at=101.0, series="1.2.3.5")
+    assert receipt.kind == ReceiptValues.CHANGED
+    assert db.instance_count(SERIES) == 1
+    assert db.instance_count("1.2.3.5") == 1
 
 
 def test_routing_creates_one_job_per_model_once(db: StateDB) -> None:
     _receive(db, "1.1", at=1.0)
-    assert (
-        db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"])]) == []
-    )  # not complete yet
+    planned = [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")]
+    assert db.route_series(SERIES, planned) == []  # not complete yet
     db.mark_series_complete(SERIES)
-    ids = db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"])])
+    ids = db.route_series(SERIES, planned)
     assert len(ids) == 1
-    assert db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"])]) == []  # already routed
+    assert db.route_series(SERIES, planned) == []  # same input: nothing new
     job = db.job(ids[0])
     assert job is not None
-    assert (job.state, job.destinations, job.study_instance_uid) == (
+    assert (job.state, job.destinations, job.study_instance_uid, job.lineage) == (
         JobStateValues.PENDING,
         ("pacs",),
         STUDY,
+        "L",
     )
+    assert job.manifest == db.manifest(SERIES)
+    assert job.source_paths == [Path(f"/spool/{SERIES}/1.1.dcm")]
+
+
+def test_new_input_makes_a_new_version_that_names_its_predecessor(db: StateDB) -> None:
+    _receive(db, "1.1", at=1.0)
+    db.mark_series_complete(SERIES)
+    planned = [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")]
+    (first,) = db.route_series(SERIES, planned)
+    db.mark_job_queued(first, "task-1", _request(first))
+    _receive(db, "1.2", at=2.0)  # late: the series reopens
+    db.mark_series_complete(SERIES)
+    (second,) = db.route_series(SERIES, planned)
+    old, new = db.job(first), db.job(second)
+    assert old is not None
+    assert new is not None
+    assert (old.state, old.superseded_by) == (JobStateValues.QUEUED, second)  # still runs
+    assert (new.predecessor_id, new.state) == (first, JobStateValues.PENDING)
+    assert new.manifest is not None
+    assert len(new.manifest.instances) == 2
+    assert old.manifest is not None
+    assert len(old.manifest.instances) == 1
+    db.mark_job_failed(first, "x")
+    with pytest.raises(ValueError, match=f"job {first} was replaced by job {second}"):
+        db.retry_job(first)
+
+
+def test_a_version_not_yet_dispatched_is_superseded_and_never_runs(db: StateDB) -> None:
+    _receive(db, "1.1", at=1.0)
+    db.mark_series_complete(SERIES)
+    planned = [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")]
+    (first,) = db.route_series(SERIES, planned)
+    _receive(db, "1.1", at=2.0, content="changed")
+    db.mark_series_complete(SERIES)
+    (second,) = db.route_series(SERIES, planned)
+    old = db.job(first)
+    assert old is not None
+    assert (old.state, old.superseded_by) == (JobStateValues.SUPERSEDED, second)
+    assert [job.id for job in db.jobs([JobStateValues.PENDING])] == [second]
+
+
+def test_previous_results_walks_back_to_the_last_version_with_results(db: StateDB) -> None:
+    planned = [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")]
+    ids = []
+    for number in range(3):
+        _receive(db, f"1.{number}", at=float(number))
+        db.mark_series_complete(SERIES)
+        (job_id,) = db.route_series(SERIES, planned)
+        db.mark_job_queued(job_id, f"task-{job_id}", _request(job_id))
+        ids.append(job_id)
+        if number == 0:
+            db.record_results(job_id, OK, {})
+        else:
+            db.mark_job_failed(job_id, "broken")
+    last = db.job(ids[-1])
+    assert last is not None
+    previous = db.previous_results(last)
+    assert previous is not None
+    assert previous.id == ids[0]
+    assert db.latest_version("L") == last
+
+
+def test_a_db_of_another_schema_is_refused_with_advice(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE jobs (id INTEGER PRIMARY KEY)")
+    old.commit()
+    old.close()
+    with pytest.raises(StateDBError, match=r"schema 0; this one needs schema \d+\. Stop the node"):
+        StateDB(path)
 
 
 def test_unmatched_series_is_ignored_with_reason(db: StateDB) -> None:
@@ -83,16 +235,16 @@ def test_unmatched_series_is_ignored_with_reason(db: StateDB) -> None:
 def _job(db: StateDB, destinations: list[str]) -> int:
     _receive(db, "1.1", at=1.0)
     db.mark_series_complete(SERIES)
-    return db.route_series(SERIES, [PlannedJob("ct-tissue", "r", destinations)])[0]
+    return db.route_series(SERIES, [PlannedJob("ct-tissue", "r", destinations, lineage="L")])[0]
 
 
 def test_job_lifecycle_to_delivered(db: StateDB) -> None:
     job_id = _job(db, ["a", "b"])
-    db.mark_job_queued(job_id, "task-1")
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
     db.mark_job_running(job_id)
     files = {"a": [Path("/r/seg-binary.dcm"), Path("/r/sr.dcm")], "b": [Path("/r/sr.dcm")]}
-    assert db.record_results(job_id, {"status": "ok"}, files)
-    assert not db.record_results(job_id, {"status": "ok"}, files)  # a redelivered task
+    assert db.record_results(job_id, OK, files)
+    assert not db.record_results(job_id, OK, files)  # a redelivered task
     deliveries = db.due_deliveries(now=10**10)
     assert sorted((d.destination, d.path.name) for d in deliveries) == [
         ("a", "seg-binary.dcm"), ("a", "sr.dcm"), ("b", "sr.dcm"),
@@ -111,8 +263,8 @@ def test_job_lifecycle_to_delivered(db: StateDB) -> None:
 
 def test_failed_delivery_fails_the_job_with_reason_and_retry_resets(db: StateDB) -> None:
     job_id = _job(db, ["pacs"])
-    db.mark_job_queued(job_id, "task-1")
-    db.record_results(job_id, {"status": "ok"}, {"pacs": [Path("/r/seg.dcm")]})
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
+    db.record_results(job_id, OK, {"pacs": [Path("/r/seg.dcm")]})
     (delivery,) = db.deliveries(job_id)
     db.mark_delivery_failed(delivery.id, "association permanently rejected")
     job = db.job(job_id)
@@ -130,15 +282,15 @@ def test_retry_refuses_unknown_and_running_jobs(db: StateDB) -> None:
     with pytest.raises(KeyError, match="there is no job 42"):
         db.retry_job(42)
     job_id = _job(db, [])
-    db.mark_job_queued(job_id, "task-1")
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
     with pytest.raises(ValueError, match=f"job {job_id} is queued; only failed or delivered"):
         db.retry_job(job_id)
 
 
 def test_job_without_destinations_is_done_when_results_are_in(db: StateDB) -> None:
     job_id = _job(db, [])
-    db.mark_job_queued(job_id, "task-1")
-    db.record_results(job_id, {"status": "ok"}, {})
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
+    db.record_results(job_id, OK, {})
     job = db.job(job_id)
     assert job is not None
     assert job.state == JobStateValues.DELIVERED
@@ -151,7 +303,7 @@ def test_a_job_the_model_cannot_take_is_recorded_as_skipped(db: StateDB) -> None
     ids = db.route_series(
         SERIES,
         [
-            PlannedJob("ct-tissue", "r", ["pacs"]),
+            PlannedJob("ct-tissue", "r", ["pacs"], lineage="L"),
             PlannedJob("mr-model", "r", ["pacs"], skipped_reason="modality CT, the model takes MR"),
         ],
     )
