@@ -71,6 +71,7 @@ from models.network import BUNDLES_DIR, network_model_class, window_batch_size
 from models.registry import get_segmentation_model
 from models.spec import SPEC_FILE, ModelSpec
 from tests.dicom_factory import chest_phantom, write_ct_series
+from tests.job_requests import job_request
 from workers.pipeline import run_job
 from workers.series import load_series
 
@@ -387,14 +388,12 @@ def job_split(
         clocked_sliding_window(device) as clock,
         mock.patch.object(model, "predict", new=timed_predict),
     ):
-        result = run_job(
-            job_id=1, model_name=BUNDLE_NAME, series_dir=series_dir, output_dir=output_dir
-        )
-    if result.get("status") != "ok":
-        raise RuntimeError(f"run_job failed: {result.get('reason')}")
+        result = run_job(job_request(series_dir, BUNDLE_NAME, output_dir))
+    if result.status != "ok":
+        raise RuntimeError(f"run_job failed: {result.reason}")
     first, last = clock.spans[0][0], clock.spans[-1][1]
     return JobSplit(
-        timings=dict(result["timings_s"]),
+        timings=dict(result.timings_s),
         preprocess=first - marks["start"],
         sliding_window=sum(end - begin for begin, end in clock.spans),
         postprocess=marks["end"] - last,

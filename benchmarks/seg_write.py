@@ -328,7 +328,9 @@ def pacsnode_write(
     from workers import storage as storage_module
     from workers.uids import ResultUids
 
-    uids = ResultUids.for_job(str(series.datasets[0].SeriesInstanceUID), model.name, model.version)
+    uids = ResultUids.for_job(
+        str(series.datasets[0].SeriesInstanceUID), model.name, model.version, "benchmark"
+    )
     spans: dict[str, float] = {}
     with pacsnode_clocks(spans):
         start = time.perf_counter()
@@ -346,12 +348,16 @@ def result_step_seconds(
     after one warm-up."""
     from workers.outputs import OutputProfile, OutputRequest
     from workers.pipeline import write_segmentation_results
+    from workers.uids import ResultUids
 
+    uids = ResultUids.for_job(
+        str(series.datasets[0].SeriesInstanceUID), model.name, model.version, "benchmark"
+    )
     request = OutputRequest.for_profiles([OutputProfile(overlays=True)])
     times = []
     for _ in range(repeat + 1):
         start = time.perf_counter()
-        write_segmentation_results(series, mask, model, request, out)
+        write_segmentation_results(series, mask, model, uids, request, out)
         times.append(time.perf_counter() - start)
     return min(times[1:])
 
@@ -700,7 +706,9 @@ def pacsnode_encoding(
     from workers import seg as seg_module
     from workers.uids import ResultUids
 
-    uids = ResultUids.for_job(str(series.datasets[0].SeriesInstanceUID), model.name, model.version)
+    uids = ResultUids.for_job(
+        str(series.datasets[0].SeriesInstanceUID), model.name, model.version, "benchmark"
+    )
     seg = seg_module.build_seg(series, mask, model, uids)[0]
     if not isinstance(seg, Dataset):
         return None
