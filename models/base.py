@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import abc
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -256,11 +258,52 @@ class Model(abc.ABC):
     input_kind: ClassVar[InputKindValues] = InputKindValues.VOLUME
     description: ClassVar[str] = ""
 
+    #: How the model is packaged: ``python`` (a class), ``bundle``, ``torchscript``.
+    model_format: ClassVar[str] = "python"
+
     @classmethod
     def missing_requirements(cls) -> str | None:
         """What keeps this model from loading here (weights, packages), checked without
         loading it; None when nothing is missing. ``pacsnode check-config`` reports it."""
         return None
+
+    @classmethod
+    def weights_files(cls) -> tuple[Path, ...]:
+        """The files that hold the model's weights (none for a weight-free model)."""
+        return ()
+
+    @classmethod
+    def weights_sha256(cls) -> str | None:
+        """SHA-256 (hex) of the weights file, computed once per class; for several files
+        (:meth:`weights_files`) the SHA-256 of their SHA-256 digests in order. None
+        without weights, or when a file cannot be read (see :meth:`missing_requirements`)."""
+        if cls not in _WEIGHTS_DIGESTS:
+            files = cls.weights_files()
+            try:
+                digests = []
+                for path in files:
+                    with path.open("rb") as fh:
+                        digests.append(hashlib.file_digest(fh, "sha256").digest())
+            except OSError:
+                return None
+            if not digests:
+                _WEIGHTS_DIGESTS[cls] = None
+            elif len(digests) == 1:
+                _WEIGHTS_DIGESTS[cls] = digests[0].hex()
+            else:
+                _WEIGHTS_DIGESTS[cls] = hashlib.sha256(b"".join(digests)).hexdigest()
+        return _WEIGHTS_DIGESTS[cls]
+
+    @classmethod
+    def algorithm_version(cls) -> str:
+        """The version results name: ``version``, plus the first 12 hex digits of the
+        weights' SHA-256 (``1.0.0 sha256:1a2b3c4d5e6f``), so every result names the
+        exact weights that made it."""
+        digest = cls.weights_sha256()
+        return cls.version if digest is None else f"{cls.version} sha256:{digest[:12]}"
+
+
+_WEIGHTS_DIGESTS: dict[type[Model], str | None] = {}
 
 
 class SegmentationModel(Model):

@@ -119,6 +119,14 @@ class MrBrainMaskModel(SegmentationModel):
         except ModuleNotFoundError as e:
             return str(e)
 
+    @classmethod
+    def weights_files(cls) -> tuple[Path, ...]:
+        try:
+            folder = deepbet_weights_dir()
+        except ModuleNotFoundError:
+            return ()
+        return (folder / BBOX_WEIGHTS, folder / WEIGHTS)
+
     def __init__(self, weights_dir: Path | None = None) -> None:
         """Load deepbet's two networks once, on CUDA if available, else on the CPU.
 

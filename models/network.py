@@ -46,6 +46,7 @@ __all__ = [
     "NetworkSegmentationModel",
     "argmax_channels",
     "discover_network_models",
+    "forget_network_models",
     "network_model_class",
     "read_network",
     "window_batch_size",
@@ -358,7 +359,12 @@ class _NetworkModel:
     """What both kinds of network model share: the folder and the runner."""
 
     model_dir: ClassVar[Path]
+    weights_path: ClassVar[Path | None] = None
     _runner: NetworkRunner
+
+    @classmethod
+    def weights_files(cls) -> tuple[Path, ...]:
+        return (cls.weights_path,) if cls.weights_path is not None else ()
 
     @classmethod
     def missing_requirements(cls) -> str | None:
@@ -433,6 +439,8 @@ def network_model_class(path: Path) -> type[NetworkSegmentationModel | NetworkCl
     else:
         spec = info.spec
         attributes.update(
+            model_format="torchscript" if info.torchscript else "bundle",
+            weights_path=info.weights,
             version=info.version,
             queue=spec.queue,
             accepts=spec.accepts.to_accepts(),
@@ -448,6 +456,11 @@ def network_model_class(path: Path) -> type[NetworkSegmentationModel | NetworkCl
 
 
 _CLASSES: dict[Path, type[NetworkSegmentationModel | NetworkClassificationModel]] = {}
+
+
+def forget_network_models() -> None:
+    """Make :func:`discover_network_models` read every folder again (models reloaded)."""
+    _CLASSES.clear()
 
 
 def discover_network_models(

@@ -1,8 +1,11 @@
 """Model registry: models register themselves by decorator and are looked up by name.
 
-Network models in ``models/bundles/<name>/`` (MONAI bundles and TorchScript files with
-a spec) are registered too, one model per folder (:mod:`models.network`), each time
-:func:`available_models` runs.
+Built in: the Python models of ``_BUILTIN_MODULES`` and the demonstration network models
+shipped in ``models/bundles/``. Beside them, every model folder in the configured models
+folder (config.yaml ``models_dir``, :func:`use_models_dir`): a MONAI bundle, or a
+TorchScript file with a ``pacsnode.yaml`` (:mod:`models.network`). Folders are discovered
+once, on first use, and again only on :func:`reload_models` (``SIGHUP`` to the node, or a
+restart); a lookup never lists folders.
 """
 
 from __future__ import annotations
@@ -10,16 +13,23 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from models.base import Model, SegmentationModel
 
 __all__ = [
+    "ModelEntry",
     "available_models",
     "get_model",
     "get_model_class",
     "get_segmentation_model",
+    "model_entries",
+    "refused_folders",
     "register_model",
+    "reload_models",
+    "use_models_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -31,6 +41,27 @@ _INSTANCES: dict[str, Model] = {}
 
 # Modules that define the built-in models; importing them registers them.
 _BUILTIN_MODULES = ("models.ct_tissue", "models.mr_brain_mask")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model as ``pacsnode models`` lists it: its class, where it comes from, and what
+    keeps it from running here (None when nothing does)."""
+
+    cls: type[Model]
+    source: str
+    problem: str | None
+
+
+class _Folders:
+    """The models folder and what was found there: discovered once, on demand."""
+
+    models_dir: Path | None = None
+    discovered = False
+    #: Model name -> the folder it came from (shipped bundles and ``models_dir``).
+    origins: dict[str, Path] = {}
+    #: Folders that could not be registered, and why (a name taken by another model).
+    refused: dict[Path, str] = {}
 
 
 def register_model(cls: _ModelT) -> _ModelT:
@@ -48,29 +79,79 @@ def register_model(cls: _ModelT) -> _ModelT:
     return cls
 
 
-def _load_builtins() -> None:
+def use_models_dir(path: Path | None) -> None:
+    """Take models from ``path`` besides the built-in ones (config.yaml ``models_dir``);
+    they are discovered on first use."""
+    if path != _Folders.models_dir:
+        _Folders.models_dir = path
+        _forget_folders()
+
+
+def _forget_folders() -> None:
+    from models.network import forget_network_models
+
+    forget_network_models()
+    for name, cls in list(_MODEL_CLASSES.items()):
+        if name in _Folders.origins or hasattr(cls, "model_dir"):  # made from a folder
+            del _MODEL_CLASSES[name]
+            _INSTANCES.pop(name, None)
+    _Folders.origins = {}
+    _Folders.refused = {}
+    _Folders.discovered = False
+
+
+def _discover() -> None:
+    from models.network import BUNDLES_DIR, discover_network_models
+
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    if _Folders.discovered:
+        return
+    folders = [BUNDLES_DIR]
+    if _Folders.models_dir is not None and _Folders.models_dir.resolve() != BUNDLES_DIR:
+        folders.append(_Folders.models_dir)
+    for folder in folders:
+        for cls in discover_network_models(folder):
+            path = cls.model_dir
+            if cls.name in _MODEL_CLASSES and _MODEL_CLASSES[cls.name] is not cls:
+                where = _Folders.origins.get(cls.name)
+                taken = f"the model in {where}" if where else "a built-in model"
+                _Folders.refused[path] = f"{path}: the name {cls.name!r} is taken by {taken}"
+                logger.error("%s; folder not used", _Folders.refused[path])
+                continue
+            register_model(cls)
+            _Folders.origins[cls.name] = path
+    _Folders.discovered = True
 
 
-def _load_network_models() -> None:
-    from models.network import discover_network_models
-
-    for cls in discover_network_models():
-        register_model(cls)
+def reload_models() -> list[str]:
+    """Discover the model folders again (a folder added, changed or removed); returns
+    the names of the models now available. Loaded instances of folder models are
+    dropped, so the next job loads the new files."""
+    _forget_folders()
+    return sorted(available_models())
 
 
 def available_models() -> dict[str, type[Model]]:
-    """All registered model classes by name, those in ``models/bundles/`` included.
-
-    Raises
-    ------
-    ValueError
-        If a model folder has the name of another model.
-    """
-    _load_builtins()
-    _load_network_models()
+    """All registered model classes by name: built-in, shipped and ``models_dir``."""
+    _discover()
     return dict(_MODEL_CLASSES)
+
+
+def model_entries() -> list[ModelEntry]:
+    """Every model, by name, and every model folder that could not be registered."""
+    entries = []
+    for name, cls in sorted(available_models().items()):
+        origin = _Folders.origins.get(name)
+        source = str(origin) if origin is not None else f"built in ({cls.__module__})"
+        entries.append(ModelEntry(cls, source, cls.missing_requirements()))
+    return entries
+
+
+def refused_folders() -> dict[Path, str]:
+    """Model folders not registered (their name is taken), with the reason."""
+    _discover()
+    return dict(_Folders.refused)
 
 
 def get_model_class(name: str) -> type[Model]:
@@ -92,7 +173,7 @@ def get_model(name: str, factory: Callable[[], Model] | None = None) -> Model:
     instance = _INSTANCES.get(name)
     if instance is None:
         instance = factory() if factory is not None else get_model_class(name)()
-        logger.info("loaded model %s %s", instance.name, instance.version)
+        logger.info("loaded model %s %s", instance.name, instance.algorithm_version())
         _INSTANCES[name] = instance
     return instance
 

@@ -18,6 +18,7 @@ from types import FrameType
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
+from models.registry import reload_models
 from node.completeness import mark_quiet_series_complete
 from node.config import Config
 from node.dispatch import Dispatcher
@@ -92,6 +93,7 @@ class Node:
         self.config = config
         self.config_path = config_path.resolve()
         self.stopping = threading.Event()
+        self.reload_requested = threading.Event()
         self.rerun_late = config.completion.late == "rerun"
         data_dir = config.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,19 @@ class Node:
         self.dispatcher = Dispatcher(config, self.db, celery_app)
         self.sender = Sender(config, self.db)
 
+    def _on_reload(self, signum: int, frame: FrameType | None) -> None:
+        self.reload_requested.set()
+
+    def _reload_models(self) -> None:
+        """SIGHUP: discover the model folders again, and restart the embedded worker so
+        it loads them too (a job it is running finishes first, or is requeued)."""
+        names = reload_models()
+        logger.info("models reloaded: %s", ", ".join(names))
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker.start()
+            self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.info("received %s; stopping", signal.Signals(signum).name)
         self.stopping.set()
@@ -111,6 +126,7 @@ class Node:
         """Start everything, serve until SIGINT/SIGTERM, then stop children cleanly."""
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_reload)
         logger.info("effective configuration: %s", self.config.redacted())
         recover_spool(self.spool, self.db, rerun_late=self.rerun_late)
         if self.redis is not None:
@@ -139,6 +155,9 @@ class Node:
 
     def _tick(self) -> None:
         try:
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self._reload_models()
             mark_quiet_series_complete(self.db, self.config.completion.quiet_seconds)
             route_complete_studies(self.db, self.config.rules, rerun_late=self.rerun_late)
             if self.worker is not None and self.worker.check():

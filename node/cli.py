@@ -110,6 +110,49 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_models(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from models.registry import model_entries, refused_folders
+
+    _out(f"models folder: {config.models_dir}")
+    header = ("NAME", "VERSION", "FORMAT", "TASK", "QUEUE", "INPUT", "WEIGHTS SHA-256", "FROM")
+    rows = [header]
+    problems = []
+    for entry in model_entries():
+        cls = entry.cls
+        accepts = cls.accepts
+        taken = "/".join(accepts.modalities) or "any"
+        if accepts.orientations:
+            taken += " " + "/".join(str(o) for o in accepts.orientations)
+        if accepts.min_slices > 1:
+            taken += f" >={accepts.min_slices} slices"
+        taken += f" ({cls.input_kind})"
+        digest = cls.weights_sha256() if entry.problem is None else None
+        rows.append(
+            (
+                cls.name,
+                cls.version,
+                cls.model_format,
+                cls.task,
+                cls.queue,
+                taken,
+                digest[:12] if digest else "-",
+                entry.source,
+            )
+        )
+        if entry.problem is not None:
+            problems.append(f"{cls.name} ({entry.source}): {entry.problem}")
+    problems.extend(refused_folders().values())
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    for problem in problems:
+        _out(f"problem: {problem}")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
 def _read_state(config: Config) -> StateDB | None:
     """The node's state DB opened for reading only, or None (the reason on stderr)."""
     from node.state import StateDB, StateDBError
@@ -304,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", type=Path, nargs="?", default=default_config)
     check.set_defaults(handler=_cmd_check_config)
     with_config("jobs", "list jobs and their states").set_defaults(handler=_cmd_jobs)
+    with_config(
+        "models", "list the models (built in and in models_dir) and their problems"
+    ).set_defaults(handler=_cmd_models)
     retry = with_config("retry", "run a failed job again")
     retry.add_argument("job", type=int)
     retry.set_defaults(handler=_cmd_retry)

@@ -40,6 +40,7 @@ __all__ = [
     "Rule",
     "WorkerSettings",
     "load_config",
+    "model_problems",
 ]
 
 _AE_TITLE_CHARS = re.compile(r"^[\x20-\x5b\x5d-\x7e]*$")  # default character repertoire, no "\"
@@ -268,6 +269,9 @@ class Config(_Frozen):
     broker: str = "embedded"
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     delivery: Delivery = Field(default_factory=Delivery)
+    models_dir: Path = Path("./models")
+    """Model folders (bundles, TorchScript with a pacsnode.yaml) besides the built-in
+    models; relative to the config file."""
 
     @field_validator("broker")
     @classmethod
@@ -278,11 +282,9 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
-        """Rules must name models and destinations that exist; one line per problem,
-        each starting with its YAML path (see ``_format_errors``)."""
-        from models.registry import available_models
-
-        known_models = available_models()
+        """Rules must name destinations that exist, and each rule name is used once; one
+        line per problem, each starting with its YAML path (see ``_format_errors``).
+        Models are checked once the models folder is known (:func:`model_problems`)."""
         problems: list[str] = []
         seen: set[str] = set()
         for index, rule in enumerate(self.rules):
@@ -290,14 +292,6 @@ class Config(_Frozen):
             if rule.name in seen:
                 problems.append(f"{where}.name: rule name {rule.name!r} is used twice")
             seen.add(rule.name)
-            for model in rule.models:
-                if model not in known_models:
-                    problems.append(
-                        f"{where}.models: rule {rule.name!r} names model {model!r}, which does "
-                        f"not exist; available: {', '.join(sorted(known_models))}"
-                    )
-                elif (missing := known_models[model].missing_requirements()) is not None:
-                    problems.append(f"{where}.models: model {model!r} cannot run here: {missing}")
             for destination in rule.send_to:
                 if destination not in self.destinations:
                     defined = ", ".join(sorted(self.destinations)) or "none"
@@ -319,6 +313,34 @@ class Config(_Frozen):
         data = self.model_dump(mode="json")
         data["broker"] = re.sub(r"//[^@/]*@", "//***@", self.broker)
         return data
+
+
+def model_problems(config: Config) -> list[str]:
+    """What keeps the configured models from running, one line each, starting with the
+    YAML path or the model folder's file: rules naming unknown models or models that
+    cannot run here, and every broken folder in ``models_dir`` (a bad pacsnode.yaml or
+    bundle, a name taken twice), used by a rule or not."""
+    from models.registry import available_models, model_entries, refused_folders
+
+    known_models = available_models()
+    problems: list[str] = []
+    for index, rule in enumerate(config.rules):
+        where = f"rules[{index}].models"
+        for model in rule.models:
+            if model not in known_models:
+                problems.append(
+                    f"{where}: rule {rule.name!r} names model {model!r}, which does "
+                    f"not exist; available: {', '.join(sorted(known_models))}"
+                )
+            elif (missing := known_models[model].missing_requirements()) is not None:
+                problems.append(f"{where}: model {model!r} cannot run here: {missing}")
+    used = {model for rule in config.rules for model in rule.models}
+    for entry in model_entries():
+        in_folder = Path(entry.source).parent == config.models_dir
+        if entry.problem is not None and in_folder and entry.cls.name not in used:
+            problems.append(f"models_dir: model {entry.cls.name!r}: {entry.problem}")
+    problems.extend(f"models_dir: {reason}" for reason in refused_folders().values())
+    return problems
 
 
 class ConfigError(Exception):
@@ -356,7 +378,8 @@ def _format_errors(error: ValidationError) -> Iterator[str]:
 
 
 def load_config(path: Path) -> Config:
-    """Read and validate a config file.
+    """Read and validate a config file, and point the model registry at its
+    ``models_dir``.
 
     Raises
     ------
@@ -386,4 +409,11 @@ def load_config(path: Path) -> Config:
             update={"data_dir": (path.parent / config.node.data_dir).resolve()}
         )
         config = config.model_copy(update={"node": node})
+    config = config.model_copy(update={"models_dir": (path.parent / config.models_dir).resolve()})
+    from models.registry import use_models_dir
+
+    use_models_dir(config.models_dir)  # this process's models: built in and models_dir
+    problems = model_problems(config)
+    if problems:
+        raise ConfigError(path, problems)
     return config

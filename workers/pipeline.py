@@ -206,7 +206,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
 
     mark = time.perf_counter()
     output_dir = Path(request.output_dir)
-    uids = _uids(request, str(series.datasets[0].SeriesInstanceUID), model.version)
+    uids = _uids(request, str(series.datasets[0].SeriesInstanceUID), model.algorithm_version())
     try:
         files, measurements = write_segmentation_results(
             series,
@@ -379,7 +379,7 @@ def _classify(request: JobRequest, model: ClassificationModel, paths: list[Path]
 
     mark = time.perf_counter()
     first = sources[0].datasets[0]
-    uids = _uids(request, str(first.SeriesInstanceUID), model.version)
+    uids = _uids(request, str(first.SeriesInstanceUID), model.algorithm_version())
     outputs = request.outputs
     sr, findings = build_classification_sr(
         results,

@@ -85,7 +85,7 @@ def algorithm_identification(model: SegmentationModel) -> hd.AlgorithmIdentifica
     return hd.AlgorithmIdentificationSequence(
         name=model.name,
         family=to_pydicom_code(model.algorithm_family),
-        version=model.version,
+        version=model.algorithm_version(),
         source=MANUFACTURER,
     )
 
@@ -290,7 +290,7 @@ def build_seg(
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),
         device_serial_number=device_serial_number,
-        content_description=f"{model.name} {model.version}"[:64],
+        content_description=f"{model.name} {model.algorithm_version()}"[:64],
         content_label=_content_label(model),
         series_description=(series_description or f"{MANUFACTURER} {model.name} SEG")[:64],
         omit_empty_frames=omit_empty_frames and bool(np.any(pixel_array)),

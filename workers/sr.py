@@ -189,7 +189,7 @@ def _statistics(
 def _algorithm(model: Model) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=model.name,
-        version=model.version,
+        version=model.algorithm_version(),
         family=to_pydicom_code(model.algorithm_family),
         manufacturer=MANUFACTURER,
     )
@@ -215,10 +215,10 @@ def _report(
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derive_uid("pacsnode-device", model.name, model.version),
+            uid=derive_uid("pacsnode-device", model.name, model.algorithm_version()),
             name=model.name,
             manufacturer_name=MANUFACTURER,
-            model_name=f"{model.name} {model.version}"[:64],
+            model_name=f"{model.name} {model.algorithm_version()}"[:64],
         ),
     )
     report = hd.sr.MeasurementReport(

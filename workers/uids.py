@@ -79,7 +79,8 @@ class ResultUids:
         model_name
             Registered name of the model.
         model_version
-            Version of the model; a new version gives new objects.
+            Version of the model with its weights' digest
+            (:meth:`models.base.Model.algorithm_version`); new weights give new objects.
         input_key
             :attr:`workers.contract.JobRequest.result_key` of the job; other instances,
             other bytes or another version give new objects.

@@ -40,8 +40,9 @@ def test_shipped_config_is_valid() -> None:
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, ""))
-    assert config == Config(node=config.node)
+    assert config == Config(node=config.node, models_dir=config.models_dir)
     assert config.node.data_dir == (tmp_path / "data").resolve()
+    assert config.models_dir == (tmp_path / "models").resolve()  # beside the config file
     assert not config.accept_unknown_peers
 
 

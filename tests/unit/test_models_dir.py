@@ -1,0 +1,140 @@
+"""A models folder outside the code: discovered once, listed, validated, reloaded, and
+named in every result by the exact weights."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydicom import Dataset, dcmread
+
+from models import registry
+from models.network import BUNDLES_DIR
+from node.config import ConfigError, load_config
+from tests.dicom_factory import chest_phantom, write_ct_series
+from tests.job_requests import job_request
+from workers.pipeline import run_job
+
+PACSNODE = Path(sys.executable).parent / "pacsnode"
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test points the registry at its own folder; the others see the defaults."""
+    registry.available_models()  # built-ins register into the real registry first
+    monkeypatch.setattr(registry, "_MODEL_CLASSES", dict(registry._MODEL_CLASSES))
+    monkeypatch.setattr(registry, "_INSTANCES", dict(registry._INSTANCES))
+    yield
+    registry.use_models_dir(None)
+
+
+def _config(tmp_path: Path, **data: Any) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"models_dir": "site-models", **data}))
+    (tmp_path / "site-models").mkdir(exist_ok=True)
+    return path
+
+
+def _copy(name: str, target: Path) -> Path:
+    shutil.copytree(BUNDLES_DIR / name, target, ignore=shutil.ignore_patterns("scripts"))
+    return target
+
+
+def test_a_folder_copied_into_models_dir_runs_by_name_with_its_weights_named(
+    tmp_path: Path,
+) -> None:
+    config_path = _config(tmp_path, rules=[{"name": "bone", "models": ["site-bone"]}])
+    folder = _copy("ct-bone-demo", tmp_path / "site-models" / "site-bone")
+    config = load_config(config_path)
+    assert config.models_dir == (tmp_path / "site-models").resolve()
+    cls = registry.get_model_class("site-bone")
+    weights = folder / "models" / "model.pt"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert cls.weights_sha256() == digest
+    assert cls.algorithm_version() == f"0.1.0 sha256:{digest[:12]}"
+    (entry,) = [e for e in registry.model_entries() if e.cls.name == "site-bone"]
+    assert (entry.source, entry.problem) == (str(folder.resolve()), None)
+
+    phantom = chest_phantom((8, 64, 64), (5.0, 3.0, 3.0))
+    write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
+    outcome = run_job(job_request(tmp_path / "ct", "site-bone", tmp_path / "out"))
+    assert outcome.status == "ok", outcome.reason
+    seg = dcmread(next(f.path for f in outcome.files if f.name == "seg-binary.dcm"))
+    algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (
+        "site-bone",
+        f"0.1.0 sha256:{digest[:12]}",
+    )
+    sr = dcmread(next(f.path for f in outcome.files if f.name == "sr.dcm"))
+    assert f"0.1.0 sha256:{digest[:12]}" in _text_values(sr)
+
+
+def _text_values(ds: Dataset) -> set[str]:
+    """Every TextValue in an SR content tree."""
+    found = {str(ds.TextValue)} if "TextValue" in ds else set()
+    for item in ds.get("ContentSequence", []):
+        found |= _text_values(item)
+    return found
+
+
+def test_folders_are_read_once_and_again_on_reload(tmp_path: Path) -> None:
+    load_config(_config(tmp_path))
+    assert "late-bone" not in registry.available_models()
+    _copy("ct-bone-demo", tmp_path / "site-models" / "late-bone")
+    assert "late-bone" not in registry.available_models()  # no listing per lookup
+    assert "late-bone" in registry.reload_models()
+    shutil.rmtree(tmp_path / "site-models" / "late-bone")
+    assert "late-bone" not in registry.reload_models()
+
+
+def test_broken_folders_and_taken_names_fail_check_config_by_file_and_field(
+    tmp_path: Path,
+) -> None:
+    config_path = _config(tmp_path)
+    broken = _copy("xr-nodule-demo", tmp_path / "site-models" / "broken-xr")
+    spec = broken / "pacsnode.yaml"
+    spec.write_text(spec.read_text().replace("threshold: 0.5", "threshold: 7"))
+    _copy("xr-nodule-demo", tmp_path / "site-models" / "ct-tissue")  # a built-in's name
+    with pytest.raises(ConfigError) as info:
+        load_config(config_path)
+    errors = info.value.errors
+    assert len(errors) == 2, errors
+    assert errors[0].startswith(f"models_dir: model 'broken-xr': {spec.resolve()}: threshold")
+    taken = (tmp_path / "site-models" / "ct-tissue").resolve()
+    assert errors[1] == f"models_dir: {taken}: the name 'ct-tissue' is taken by a built-in model"
+
+    listing = subprocess.run(
+        [str(PACSNODE), "models", "--config", str(config_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert listing.returncode == 2  # the config is invalid: nothing to list from
+    assert "threshold" in listing.stderr
+
+
+def test_pacsnode_models_lists_every_model(tmp_path: Path) -> None:
+    config_path = _config(tmp_path)
+    folder = _copy("xr-nodule-demo", tmp_path / "site-models" / "site-xr")
+    digest = hashlib.sha256((folder / "model.ts").read_bytes()).hexdigest()
+    listing = subprocess.run(
+        [str(PACSNODE), "models", "--config", str(config_path)],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert listing[0] == f"models folder: {(tmp_path / 'site-models').resolve()}"
+    assert listing[1].split() == [
+        "NAME", "VERSION", "FORMAT", "TASK", "QUEUE", "INPUT", "WEIGHTS", "SHA-256", "FROM",
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in listing[2:]}
+    assert rows["site-xr"] == [
+        "site-xr", "0.1.0", "torchscript", "classification", "cpu", "CR/DX", "(image)",
+        digest[:12], str(folder.resolve()),
+    ]  # fmt: skip
+    assert rows["ct-tissue"][:5] == ["ct-tissue", "1.0.0", "python", "segmentation", "cpu"]
+    assert rows["ct-tissue"][-4:] == ["-", "built", "in", "(models.ct_tissue)"]
+    assert set(rows) == {"ct-tissue", "mr-brain-mask", "ct-bone-demo", "xr-nodule-demo", "site-xr"}
