@@ -3,7 +3,8 @@
 Stages run in order on each tick of the main loop (complete -> route -> dispatch ->
 collect); the SCP and the sender run on their own threads because they wait on the
 network. Start-up first reconciles: it records spooled files the DB missed, requeues
-unfinished jobs, and lets completeness re-check every series still receiving.
+unfinished jobs, and lets completeness re-check every series still receiving. SIGHUP
+reads the model folders and config.yaml again (:meth:`Node._reload`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from types import FrameType
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from models.registry import reload_models
+from models.registry import available_models, reload_models
 from node.completeness import mark_quiet_series_complete
-from node.config import Config
+from node.config import Config, ConfigError, load_config
 from node.dispatch import Dispatcher
 from node.routing import route_complete_studies
 from node.scp import start_scp
@@ -37,6 +38,9 @@ __all__ = ["Node", "recover_spool"]
 logger = logging.getLogger(__name__)
 
 _TICK_SECONDS = 0.5
+#: Settings the SCP and the child processes start with: SIGHUP leaves them for a restart.
+_RESTART_KEYS = ("node", "peers", "accept_unknown_peers", "completion", "broker", "worker",
+                 "models_dir")  # fmt: skip
 _RECOVERED_FROM = "(recovered)"
 
 
@@ -108,12 +112,44 @@ class Node:
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested.set()
 
-    def _reload_models(self) -> None:
-        """SIGHUP: discover the model folders again, and restart the embedded worker so
-        it loads them too (a job it is running finishes first, or is requeued)."""
+    def _reload(self) -> None:
+        """SIGHUP: read the model folders and config.yaml again, without a restart.
+
+        The rules, destinations, results and delivery settings take effect for the next
+        job and delivery (a rule switched from shadow to live, a new destination); jobs
+        already created keep what they were dispatched with. Settings the SCP and the
+        processes were started with (node, peers, completion, broker, worker,
+        models_dir) need a restart; a change to them is logged and left for then. The
+        embedded worker is restarted only when a model's files changed. An invalid file
+        is refused and the running configuration kept.
+        """
+        before = {name: cls.algorithm_version() for name, cls in available_models().items()}
         names = reload_models()
+        after = {name: cls.algorithm_version() for name, cls in available_models().items()}
         logger.info("models reloaded: %s", ", ".join(names))
-        if self.worker is not None:
+        try:
+            config = load_config(self.config_path)
+        except ConfigError as exc:
+            logger.error(
+                "%s not reloaded, the running configuration stays: %s",
+                self.config_path,
+                "; ".join(exc.errors),
+            )
+            return
+        pending = [
+            key for key in _RESTART_KEYS if getattr(config, key) != getattr(self.config, key)
+        ]
+        if pending:
+            logger.warning(
+                "%s changed in %s; restart pacsnode run to apply",
+                ", ".join(pending),
+                self.config_path,
+            )
+        applied = config.model_copy(update={key: getattr(self.config, key) for key in pending})
+        self.config = self.dispatcher.config = self.sender.config = applied
+        logger.info("configuration reloaded from %s", self.config_path)
+        if after != before and self.worker is not None:
+            logger.info("model files changed: restarting the worker")
             self.worker.stop()
             self.worker.start()
             self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
@@ -157,7 +193,7 @@ class Node:
         try:
             if self.reload_requested.is_set():
                 self.reload_requested.clear()
-                self._reload_models()
+                self._reload()
             mark_quiet_series_complete(self.db, self.config.completion.quiet_seconds)
             route_complete_studies(self.db, self.config.rules, rerun_late=self.rerun_late)
             if self.worker is not None and self.worker.check():

@@ -224,13 +224,18 @@ class MatchCondition(_Frozen):
 
 
 class Rule(_Frozen):
-    """Series that match ``match`` go to ``models``; results go to ``send_to``."""
+    """Series that match ``match`` go to ``models``; results go to ``send_to``.
+
+    ``mode: shadow`` runs the models and keeps their results (``pacsnode jobs``,
+    ``pacsnode render``) but sends nothing: a model's silent trial before it goes live.
+    """
 
     name: str = Field(min_length=1)
     match: dict[str, MatchCondition] = Field(default_factory=dict)
     min_instances: int = Field(default=1, ge=1)
     models: list[str] = Field(min_length=1)
     send_to: list[str] = Field(default_factory=list)
+    mode: Literal["live", "shadow"] = "live"
 
     @model_validator(mode="before")
     @classmethod

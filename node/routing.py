@@ -105,7 +105,13 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
         for choice in routed:
             reason = _skip_reason(choice.model, candidate)
             jobs.append(
-                PlannedJob(choice.model, ",".join(choice.rules), choice.destinations, reason)
+                PlannedJob(
+                    choice.model,
+                    ",".join(choice.rules),
+                    choice.destinations,
+                    reason,
+                    shadow=choice.shadow,
+                )
             )
             if reason is None:
                 runnable[choice.model].append(candidate)

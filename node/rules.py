@@ -22,11 +22,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class RoutedModel:
-    """A model a series goes to, with the rules that chose it and their destinations."""
+    """A model a series goes to, with the rules that chose it and their destinations;
+    ``shadow`` when only shadow rules chose it (it runs, nothing is sent)."""
 
     model: str
     rules: tuple[str, ...]
     destinations: tuple[str, ...]
+    shadow: bool = False
 
 
 def attribute_values(header: Dataset, keyword: str) -> list[str] | None:
@@ -91,17 +93,23 @@ def rule_matches(rule: Rule, header: Dataset, instance_count: int) -> bool:
 
 
 def route_series(rules: Sequence[Rule], header: Dataset, instance_count: int) -> list[RoutedModel]:
-    """The models a series goes to; each model once, with the destinations of every rule
-    that chose it (in config order)."""
-    chosen: dict[str, tuple[list[str], list[str]]] = {}
+    """The models a series goes to; each model once, with the destinations of every live
+    rule that chose it (in config order). A model only shadow rules chose is ``shadow``,
+    without destinations; a live rule for the same model makes it live."""
+    chosen: dict[str, tuple[list[str], list[str], list[bool]]] = {}
     for rule in rules:
         if not rule_matches(rule, header, instance_count):
             continue
+        shadow = rule.mode == "shadow"
         for model in rule.models:
-            rule_names, destinations = chosen.setdefault(model, ([], []))
+            rule_names, destinations, modes = chosen.setdefault(model, ([], [], []))
             rule_names.append(rule.name)
-            destinations.extend(d for d in rule.send_to if d not in destinations)
+            modes.append(shadow)
+            if not shadow:
+                destinations.extend(d for d in rule.send_to if d not in destinations)
     return [
-        RoutedModel(model=model, rules=tuple(names), destinations=tuple(destinations))
-        for model, (names, destinations) in chosen.items()
+        RoutedModel(
+            model=model, rules=tuple(names), destinations=tuple(destinations), shadow=all(modes)
+        )
+        for model, (names, destinations, modes) in chosen.items()
     ]

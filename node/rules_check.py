@@ -227,7 +227,12 @@ def _series_lines(report: SeriesReport) -> list[str]:
         if job.skipped_reason is not None:
             lines.append(f"    model {job.model}: skipped — {job.skipped_reason}")
             continue
-        send_to = f"send to {', '.join(job.destinations)}" if job.destinations else "no destination"
+        if job.shadow:
+            send_to = "shadow mode: results kept, nothing sent"
+        elif job.destinations:
+            send_to = f"send to {', '.join(job.destinations)}"
+        else:
+            send_to = "no destination"
         lines.append(
             f"    model {job.model}: would run (rules {job.rule.replace(',', ', ')}; {send_to})"
         )

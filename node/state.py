@@ -62,6 +62,7 @@ class JobStateValues(enum.StrEnum):
     FAILED = "failed"
     SKIPPED = "skipped"  # the model does not take this series; reason says why
     SUPERSEDED = "superseded"  # newer input arrived before it ran; superseded_by runs instead
+    KEPT = "kept"  # shadow mode: results written and kept, nothing sent
 
 
 #: Jobs that may still produce results.
@@ -127,7 +128,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     revision INTEGER,
     predecessor_id INTEGER REFERENCES jobs (id),
     superseded_by INTEGER REFERENCES jobs (id),
-    request TEXT
+    request TEXT,
+    shadow INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_by_lineage ON jobs (lineage, id);
 CREATE INDEX IF NOT EXISTS jobs_by_series ON jobs (series_instance_uid, model);
@@ -167,6 +169,7 @@ class PlannedJob(NamedTuple):
     skipped_reason: str | None = None
     lineage: str = ""
     failed_reason: str | None = None
+    shadow: bool = False
 
 
 class SeriesPlan(NamedTuple):
@@ -229,6 +232,7 @@ class Job:
     predecessor_id: int | None
     superseded_by: int | None
     request: JobRequest | None
+    shadow: bool
 
     @property
     def source_paths(self) -> list[Path]:
@@ -271,6 +275,7 @@ def _job(row: sqlite3.Row) -> Job:
         predecessor_id=row["predecessor_id"],
         superseded_by=row["superseded_by"],
         request=JobRequest.model_validate_json(row["request"]) if row["request"] else None,
+        shadow=bool(row["shadow"]),
     )
 
 
@@ -702,7 +707,8 @@ class StateDB:
         cursor = conn.execute(
             "INSERT INTO jobs (series_instance_uid, study_instance_uid, model, rule, "
             "destinations, state, reason, created_at, updated_at, lineage, manifest, "
-            "manifest_digest, predecessor_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "manifest_digest, predecessor_id, shadow) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 series_uid,
                 study_uid,
@@ -717,6 +723,7 @@ class StateDB:
                 manifest.model_dump_json(),
                 digest,
                 latest["id"] if latest is not None else None,
+                int(job.shadow),
             ),
         )
         job_id = cursor.lastrowid
@@ -839,7 +846,12 @@ class StateDB:
                         (job_id, destination, str(path), DeliveryStateValues.PENDING, now, now),
                     )
                     queued += 1
-            state = JobStateValues.RESULTS_READY if queued else JobStateValues.DELIVERED
+            if queued:
+                state = JobStateValues.RESULTS_READY
+            elif row["shadow"]:
+                state = JobStateValues.KEPT
+            else:
+                state = JobStateValues.DELIVERED
             self._set_job(conn, job_id, state=state, result=outcome.model_dump_json(), reason=None)
         return True
 
@@ -865,9 +877,14 @@ class StateDB:
                     f"job {job_id} was replaced by job {row['superseded_by']}, which ran on "
                     "newer input; retry that one"
                 )
-            if row["state"] not in (JobStateValues.FAILED, JobStateValues.DELIVERED):
+            if row["state"] not in (
+                JobStateValues.FAILED,
+                JobStateValues.DELIVERED,
+                JobStateValues.KEPT,
+            ):
                 raise ValueError(
-                    f"job {job_id} is {row['state']}; only failed or delivered jobs can be retried"
+                    f"job {job_id} is {row['state']}; only failed, delivered or kept jobs can "
+                    "be retried"
                 )
             if row["manifest"] is None:
                 raise ValueError(f"job {job_id} has no input to run on")

@@ -77,3 +77,19 @@ def test_route_merges_models_and_destinations_in_order() -> None:
         )
     ]
     assert route_series(rules[2:], CT, 10) == []
+
+
+def test_shadow_rules_run_models_without_sending() -> None:
+    shadow = Rule(
+        name="trial", models=["ct-tissue", "ct-bone-demo"], send_to=["pacs"], mode="shadow"
+    )
+    live = Rule(name="chest", models=["ct-tissue"], send_to=["viewer"])
+    assert route_series([shadow], CT, 10) == [
+        RoutedModel(model="ct-tissue", rules=("trial",), destinations=(), shadow=True),
+        RoutedModel(model="ct-bone-demo", rules=("trial",), destinations=(), shadow=True),
+    ]
+    # A live rule for the same model makes it live, sending to the live rule's destinations.
+    assert route_series([shadow, live], CT, 10) == [
+        RoutedModel(model="ct-tissue", rules=("trial", "chest"), destinations=("viewer",)),
+        RoutedModel(model="ct-bone-demo", rules=("trial",), destinations=(), shadow=True),
+    ]

@@ -283,7 +283,7 @@ def test_retry_refuses_unknown_and_running_jobs(db: StateDB) -> None:
         db.retry_job(42)
     job_id = _job(db, [])
     db.mark_job_queued(job_id, "task-1", _request(job_id))
-    with pytest.raises(ValueError, match=f"job {job_id} is queued; only failed or delivered"):
+    with pytest.raises(ValueError, match=f"job {job_id} is queued; only failed, delivered or kept"):
         db.retry_job(job_id)
 
 
@@ -313,3 +313,18 @@ def test_a_job_the_model_cannot_take_is_recorded_as_skipped(db: StateDB) -> None
         ("ct-tissue", JobStateValues.PENDING, None),
         ("mr-model", JobStateValues.SKIPPED, "modality CT, the model takes MR"),
     }
+
+
+def test_a_shadow_job_keeps_its_results_and_sends_nothing(db: StateDB) -> None:
+    _receive(db, "1.1", at=1.0)
+    db.mark_series_complete(SERIES)
+    (job_id,) = db.route_series(
+        SERIES, [PlannedJob("ct-tissue", "trial", [], lineage="L", shadow=True)]
+    )
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
+    assert db.record_results(job_id, OK, {})
+    job = db.job(job_id)
+    assert job is not None
+    assert (job.state, job.shadow, job.destinations) == (JobStateValues.KEPT, True, ())
+    assert db.deliveries(job_id) == []
+    assert db.retry_job(job_id).state == JobStateValues.PENDING
