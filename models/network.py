@@ -3,7 +3,7 @@ the same way on a GPU or a CPU.
 
 Each folder under ``models/bundles/`` becomes one registered model named after the
 folder (:func:`discover_network_models`): a Model Zoo bundle (:mod:`models.bundle`) or
-a TorchScript file with its spec (:mod:`models.torchscript`). A broken folder is still
+a TorchScript or ONNX file with its spec (:mod:`models.exported`). A broken folder is still
 registered; its ``missing_requirements()`` says what is wrong, so ``pacsnode
 check-config`` reports it before anything is received.
 
@@ -31,8 +31,8 @@ from nibabel import orientations
 
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel, Volume
 from models.bundle import METADATA_FILE, is_bundle, read_bundle
+from models.exported import is_exported_model, read_exported_model
 from models.spec import ModelSpecError, NetworkInfo
-from models.torchscript import is_torchscript_model, read_torchscript_model
 
 if TYPE_CHECKING:
     import torch
@@ -75,11 +75,11 @@ def read_network(path: Path) -> NetworkInfo:
     path = Path(path)
     if is_bundle(path):
         return read_bundle(path)
-    if is_torchscript_model(path):
-        return read_torchscript_model(path)
+    if is_exported_model(path):
+        return read_exported_model(path)
     raise ModelSpecError(
-        f"{path} is neither a MONAI bundle (configs/metadata.json) nor a TorchScript model "
-        "(model.ts with pacsnode.yaml)"
+        f"{path} is neither a MONAI bundle (configs/metadata.json) nor an exported model "
+        "(model.ts or model.onnx with pacsnode.yaml)"
     )
 
 
@@ -156,6 +156,10 @@ class NetworkRunner:
         import torch
 
         info = self.info
+        if info.model_format == "onnx":
+            from models.onnx_network import OnnxNetwork
+
+            return OnnxNetwork(info.weights, self.device)
         if info.state_dict_network is None:
             # Plain torch.jit.load: monai.data.load_net_with_metadata insists on the
             # metadata.json extra file that ckpt_export adds and a plain jit.save lacks.
@@ -439,7 +443,7 @@ def network_model_class(path: Path) -> type[NetworkSegmentationModel | NetworkCl
     else:
         spec = info.spec
         attributes.update(
-            model_format="torchscript" if info.torchscript else "bundle",
+            model_format=info.model_format,
             weights_path=info.weights,
             version=info.version,
             queue=spec.queue,
@@ -472,7 +476,7 @@ def discover_network_models(
         return []
     classes = []
     for path in sorted(p.resolve() for p in folder.iterdir() if p.is_dir()):
-        if not (is_bundle(path) or is_torchscript_model(path)):
+        if not (is_bundle(path) or is_exported_model(path)):
             continue
         if path not in _CLASSES:
             _CLASSES[path] = network_model_class(path)

@@ -1,7 +1,7 @@
 """Model specs: ``pacsnode.yaml`` beside a network, and what pacsnode resolves from it.
 
 A network model lives in a folder under ``models/bundles/``: either a MONAI Model Zoo
-bundle (:mod:`models.bundle`) or a TorchScript file (:mod:`models.torchscript`). Both
+bundle (:mod:`models.bundle`) or a TorchScript or ONNX file (:mod:`models.exported`). Both
 carry a ``pacsnode.yaml`` (:class:`ModelSpec`) for what their own files do not say:
 the SNOMED CT codes and colours of the labels, the coded findings of the classes, what
 input the model takes, and how to run it. Each reader turns a folder into one
@@ -274,4 +274,12 @@ class NetworkInfo(BaseModel):
 
     @property
     def torchscript(self) -> bool:
-        return self.state_dict_network is None
+        return self.state_dict_network is None and self.weights.suffix != ".onnx"
+
+    @property
+    def model_format(self) -> Literal["bundle", "torchscript", "onnx"]:
+        """How the model came: a Model Zoo bundle (whatever its weights file), or a
+        TorchScript or ONNX file with a pacsnode.yaml."""
+        if (self.path / "configs").is_dir():
+            return "bundle"
+        return "onnx" if self.weights.suffix == ".onnx" else "torchscript"

@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from pydicom import dcmread
 
 from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
+from models.exported import read_exported_model
 from models.network import BUNDLES_DIR, network_model_class
 from models.registry import get_model, get_model_class
 from models.spec import SPEC_FILE, ModelSpecError
-from models.torchscript import read_torchscript_model
 from tests.dicom_factory import (
     chest_phantom,
     demo_radiographs,
@@ -191,7 +191,7 @@ def test_spec_errors_name_file_and_field(tmp_path: Path) -> None:
     folder.mkdir()
     (folder / SPEC_FILE).write_text(VOLUME_SPEC)
     with pytest.raises(ModelSpecError, match=r"bad/model\.ts is missing"):
-        read_torchscript_model(folder)
+        read_exported_model(folder)
     (folder / "model.ts").write_bytes(b"")
     cases = {
         "activation: softmax": (
@@ -207,12 +207,12 @@ def test_spec_errors_name_file_and_field(tmp_path: Path) -> None:
     for old, (new, message) in cases.items():
         (folder / SPEC_FILE).write_text(VOLUME_SPEC.replace(old, new))
         with pytest.raises(ModelSpecError, match=message) as caught:
-            read_torchscript_model(folder)
+            read_exported_model(folder)
         assert str(folder / SPEC_FILE) in str(caught.value)
     one_class = VOLUME_SPEC[: VOLUME_SPEC.index("  - {name: Grade 2")] + "activation: softmax\n"
     (folder / SPEC_FILE).write_text(one_class)
     with pytest.raises(ModelSpecError, match="softmax needs two classes"):
-        read_torchscript_model(folder)
+        read_exported_model(folder)
 
 
 def test_dropped_into_models_folder_runs_by_name(
@@ -267,4 +267,4 @@ def test_segmentation_network_with_too_few_channels_fails_clearly(tmp_path: Path
     with pytest.raises(
         ModelSpecError, match=r"labels\.300: every label needs a value from 1 to 255"
     ):
-        read_torchscript_model(folder)
+        read_exported_model(folder)

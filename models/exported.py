@@ -1,50 +1,71 @@
-"""TorchScript models: a ``model.ts`` file and its ``pacsnode.yaml``, read into a
+"""Exported networks: a TorchScript or ONNX file and its ``pacsnode.yaml``, read into a
 :class:`NetworkInfo`.
 
 ::
 
     <name>/model.ts        a module saved with torch.jit.save (torch.jit.script or trace)
+    <name>/model.onnx      or an ONNX graph (run by onnxruntime), one of the two
     <name>/pacsnode.yaml   version, task, labels or classes, preprocessing, inference
 
 The file says nothing about itself, so the spec says everything: ``version`` is
 required, every segmentation label needs a ``name``, and a segmentation model needs
-``inference.roi_size``. Nothing here loads torch; :mod:`models.network` does, once per
-worker process.
+``inference.roi_size``. Nothing here loads torch or onnxruntime; :mod:`models.network`
+does, once per worker process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from models.base import LabelSpec
 from models.spec import SPEC_FILE, ModelSpecError, NetworkInfo, read_spec
 
-__all__ = ["TORCHSCRIPT_WEIGHTS", "is_torchscript_model", "read_torchscript_model"]
+__all__ = ["ONNX_WEIGHTS", "TORCHSCRIPT_WEIGHTS", "is_exported_model", "read_exported_model"]
 
 TORCHSCRIPT_WEIGHTS = "model.ts"
+ONNX_WEIGHTS = "model.onnx"
 
 
-def is_torchscript_model(path: Path) -> bool:
+def is_exported_model(path: Path) -> bool:
     """True for a folder holding a ``pacsnode.yaml`` and no bundle ``configs/``."""
     return (path / SPEC_FILE).is_file() and not (path / "configs").is_dir()
 
 
-def read_torchscript_model(path: Path) -> NetworkInfo:
-    """Read and check a TorchScript model folder without loading torch.
+def _weights(path: Path, spec_path: Path) -> Path:
+    """The folder's one network file, ``model.ts`` or ``model.onnx``."""
+    found = [path / name for name in (TORCHSCRIPT_WEIGHTS, ONNX_WEIGHTS) if (path / name).is_file()]
+    if not found:
+        raise ModelSpecError(
+            f"{path / TORCHSCRIPT_WEIGHTS} is missing (the TorchScript model {spec_path} "
+            f"describes; or {ONNX_WEIGHTS} for an ONNX model)"
+        )
+    if len(found) > 1:
+        raise ModelSpecError(
+            f"{path} holds both {TORCHSCRIPT_WEIGHTS} and {ONNX_WEIGHTS}; keep the one "
+            f"{spec_path} describes"
+        )
+    if found[0].name == ONNX_WEIGHTS and importlib.util.find_spec("onnxruntime") is None:
+        raise ModelSpecError(f"{found[0]} needs the onnxruntime package (pip install onnxruntime)")
+    return found[0]
+
+
+def read_exported_model(path: Path) -> NetworkInfo:
+    """Read and check a TorchScript or ONNX model folder without loading either runtime.
 
     Raises
     ------
     ModelSpecError
-        If ``model.ts`` is missing or the spec lacks what the file cannot say.
+        If the network file is missing (or both kinds are there), onnxruntime is missing
+        for an ONNX file, or the spec lacks what the file cannot say.
     """
     path = Path(path)
     spec_path = path / SPEC_FILE
     spec = read_spec(spec_path)
-    weights = path / TORCHSCRIPT_WEIGHTS
-    if not weights.is_file():
-        raise ModelSpecError(f"{weights} is missing (the TorchScript model {spec_path} describes)")
+    weights = _weights(path, spec_path)
+    kind = "ONNX" if weights.name == ONNX_WEIGHTS else "TorchScript"
     if spec.version is None:
-        raise ModelSpecError(f"{spec_path}: field 'version' is needed for a TorchScript model")
+        raise ModelSpecError(f"{spec_path}: field 'version' is needed for a {kind} model")
     labels: list[LabelSpec] = []
     if spec.task == "segmentation":
         if not spec.labels:
@@ -72,7 +93,7 @@ def read_torchscript_model(path: Path) -> NetworkInfo:
         path=path,
         name=path.name,
         version=spec.version,
-        description=spec.description or f"TorchScript model {path.name} {spec.version}",
+        description=spec.description or f"{kind} model {path.name} {spec.version}",
         spec=spec,
         labels=tuple(labels),
         classes=tuple(entry.to_class_spec() for entry in spec.classes),
