@@ -153,6 +153,100 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return EXIT_FAILED if problems else EXIT_OK
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from models.registry import get_model_class
+    from node import evaluate
+
+    try:
+        task = get_model_class(args.model).task
+    except KeyError as exc:
+        sys.stderr.write(f"cannot evaluate: {exc.args[0]}\n")
+        return EXIT_FAILED
+    db = _read_state(config)
+    if db is None:
+        return EXIT_FAILED
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        if task == "segmentation":
+            if args.reference is None:
+                sys.stderr.write(f"{args.model} segments: give --reference (SEG or NIfTI)\n")
+                return EXIT_FAILED
+            scores, problems = evaluate.evaluate_segmentation(
+                db, args.model, args.reference, args.map
+            )
+            _out(f"{'CASE':<24}  {'LABEL':<16}  {'DICE':>6}  {'HD95 MM':>8}  "
+                 f"{'ML':>9}  {'REF ML':>9}  {'DIFF ML':>8}")  # fmt: skip
+            for score in scores:
+                _out(
+                    f"{score.case[-24:]:<24}  {score.label[:16]:<16}  {score.dice:>6.3f}  "
+                    f"{score.hd95_mm:>8.2f}  {score.volume_ml:>9.2f}  "
+                    f"{score.reference_volume_ml:>9.2f}  {score.volume_difference_ml:>8.2f}"
+                )
+            for label in sorted({s.label for s in scores}):
+                dice = [s.dice for s in scores if s.label == label]
+                hd95 = sorted(s.hd95_mm for s in scores if s.label == label)
+                _out(
+                    f"{label}: mean Dice {sum(dice) / len(dice):.3f}, median HD95 "
+                    f"{hd95[len(hd95) // 2]:.2f} mm over {len(dice)} cases"
+                )
+            rows = [
+                {
+                    "study_instance_uid": s.case, "label": s.label, "dice": s.dice,
+                    "hd95_mm": s.hd95_mm, "volume_ml": s.volume_ml,
+                    "reference_volume_ml": s.reference_volume_ml,
+                    "volume_difference_ml": s.volume_difference_ml,
+                }
+                for s in scores
+            ]  # fmt: skip
+            if scores:
+                evaluate.plot_segmentation(scores, args.out / "evaluation.png")
+        else:
+            if args.labels is None:
+                sys.stderr.write(f"{args.model} classifies: give --labels (a CSV)\n")
+                return EXIT_FAILED
+            results, curves, problems = evaluate.evaluate_classification(
+                db, args.model, args.labels
+            )
+            rows = []
+            for result in results:
+                _out(
+                    f"{result.label}: {result.cases} cases ({result.positives} positive); "
+                    f"AUC {result.auc}; at {result.threshold:g}: sensitivity "
+                    f"{result.sensitivity}, specificity {result.specificity}"
+                )
+                rows.append(
+                    {
+                        "class": result.label, "cases": result.cases,
+                        "positives": result.positives, "threshold": result.threshold,
+                        "auc": result.auc.value, "auc_low": result.auc.low,
+                        "auc_high": result.auc.high,
+                        "sensitivity": result.sensitivity.value,
+                        "sensitivity_low": result.sensitivity.low,
+                        "sensitivity_high": result.sensitivity.high,
+                        "specificity": result.specificity.value,
+                        "specificity_low": result.specificity.low,
+                        "specificity_high": result.specificity.high,
+                    }
+                )  # fmt: skip
+            if results:
+                evaluate.plot_roc(curves, args.out / "evaluation.png")
+    except evaluate.EvaluationError as exc:
+        sys.stderr.write(f"cannot evaluate: {exc}\n")
+        return EXIT_FAILED
+    finally:
+        db.close()
+    evaluate.write_csv(args.out / "evaluation.csv", rows)
+    for problem in problems:
+        sys.stderr.write(f"not scored: {problem}\n")
+    _out(f"written: {args.out / 'evaluation.csv'}" + (
+        f", {args.out / 'evaluation.png'}" if rows else ""
+    ))  # fmt: skip
+    return EXIT_OK if rows else EXIT_FAILED
+
+
 def _read_state(config: Config) -> StateDB | None:
     """The node's state DB opened for reading only, or None (the reason on stderr)."""
     from node.state import StateDB, StateDBError
@@ -350,6 +444,21 @@ def _parser() -> argparse.ArgumentParser:
     with_config(
         "models", "list the models (built in and in models_dir) and their problems"
     ).set_defaults(handler=_cmd_models)
+    evaluate = with_config("evaluate", "score a model's results against reference labels")
+    evaluate.add_argument("--model", required=True, help="the model whose results to score")
+    evaluate.add_argument(
+        "--reference", type=Path, help="segmentation: a DICOM SEG or NIfTI file, or a folder"
+    )
+    evaluate.add_argument(
+        "--map", type=Path, help="CSV with file,study_instance_uid for NIfTI references"
+    )
+    evaluate.add_argument(
+        "--labels", type=Path, help="classification: CSV with key,class,truth (1 or 0)"
+    )
+    evaluate.add_argument(
+        "--out", type=Path, default=Path("evaluation"), help="folder for the CSV and PNG"
+    )
+    evaluate.set_defaults(handler=_cmd_evaluate)
     retry = with_config("retry", "run a failed job again")
     retry.add_argument("job", type=int)
     retry.set_defaults(handler=_cmd_retry)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from PIL import Image
 from pydicom import Dataset, dcmread
 
@@ -19,9 +20,9 @@ from models.base import Code, LabelSpec
 from workers.outputs import OVERLAY_PREFIX
 from workers.overlays import key_images
 from workers.seg import SegmentInfo
-from workers.series import load_series
+from workers.series import LoadedSeries, load_series
 
-__all__ = ["RenderError", "render_job"]
+__all__ = ["RenderError", "read_seg", "render_job"]
 
 
 class RenderError(Exception):
@@ -51,6 +52,27 @@ def _segments(seg: hd.seg.Segmentation) -> list[SegmentInfo]:
         )
         segments.append(SegmentInfo(number, label, str(item.get("TrackingUID", ""))))
     return segments
+
+
+def read_seg(
+    path: Path, series: LoadedSeries
+) -> tuple[npt.NDArray[np.integer], list[SegmentInfo]]:
+    """A SEG (BINARY or LABELMAP) read back onto its source series: the label map in the
+    series' voxel order, valued by segment number, and the segments it describes.
+
+    Raises
+    ------
+    ValueError
+        If the SEG references instances the series lacks.
+    """
+    seg = hd.seg.segread(path)
+    label_map = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in series.datasets],
+        combine_segments=True,
+        ignore_spatial_locations=True,
+        assert_missing_frames_are_empty=True,
+    )
+    return np.asarray(label_map), _segments(seg)
 
 
 def render_job(
@@ -95,14 +117,7 @@ def render_job(
             written.append(target)
         return written
     series = load_series(source_paths)
-    seg = hd.seg.segread(segs[0])
-    label_map = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in series.datasets],
-        combine_segments=True,
-        ignore_spatial_locations=True,
-        assert_missing_frames_are_empty=True,
-    )
-    segments = _segments(seg)
+    label_map, segments = read_seg(segs[0], series)
     voxel_ml = series.volume.voxel_volume_ml
     volumes = {
         info.label_value: float(np.count_nonzero(label_map == info.label_value)) * voxel_ml
