@@ -54,9 +54,7 @@ def _segments(seg: hd.seg.Segmentation) -> list[SegmentInfo]:
     return segments
 
 
-def read_seg(
-    path: Path, series: LoadedSeries
-) -> tuple[npt.NDArray[np.integer], list[SegmentInfo]]:
+def read_seg(path: Path, series: LoadedSeries) -> tuple[npt.NDArray[np.integer], list[SegmentInfo]]:
     """A SEG (BINARY or LABELMAP) read back onto its source series: the label map in the
     series' voxel order, valued by segment number, and the segments it describes.
 
