@@ -172,8 +172,10 @@ class WorkerProcess:
         self.restarts = 0
 
     def start(self) -> None:
+        # -P: the worker imports the pacsnode this interpreter has installed, never a
+        # node/ or models/ folder that happens to be in the current directory.
         command = [
-            sys.executable, "-m", "node.cli", "worker",
+            sys.executable, "-P", "-m", "node.cli", "worker",
             "--config", str(self.config_path),
             "--queue", self.queues,
         ]  # fmt: skip

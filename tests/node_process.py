@@ -62,10 +62,13 @@ class NodeProcess:
         Holds config.yaml, the data folder and the node's log.
     config
         The configuration; ``node.port`` and ``node.data_dir`` are filled in if absent.
+    executable
+        The ``pacsnode`` console script (this environment's by default).
     """
 
-    def __init__(self, workdir: Path, config: dict[str, Any]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, Any], executable: Path = _PACSNODE) -> None:
         self.workdir = workdir
+        self.executable = executable
         workdir.mkdir(parents=True, exist_ok=True)
         node = config.setdefault("node", {})
         node.setdefault("port", free_port())
@@ -82,7 +85,7 @@ class NodeProcess:
     def start(self, timeout: float = 60.0) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(_PACSNODE), "run", "--config", str(self.config_path)],
+                [str(self.executable), "run", "--config", str(self.config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
