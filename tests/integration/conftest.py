@@ -95,7 +95,7 @@ def ct_node_config(data_dir: Path, destination: StoreSCP, **settings: Any) -> di
                 "port": destination.port,
             }
         },
-        rules=[CT_RULE],
+        rules=[dict(CT_RULE)],  # a copy: a test may change its rule
         **settings,
     )
     del config["node"]["port"]  # NodeProcess picks a free one

@@ -16,7 +16,7 @@ from pydicom import dcmread
 
 from models.network import BUNDLES_DIR
 from node.state import JobStateValues
-from tests.integration.conftest import ct_node_config, make_phantom_series
+from tests.integration.conftest import CT_RULE, ct_node_config, make_phantom_series
 from tests.node_process import NODE_AE_TITLE, NodeProcess
 from tests.peers import StoreSCP, run_storescu
 
@@ -80,7 +80,7 @@ def test_installed_wheel_runs_a_model_from_an_outside_folder(
         ignore=shutil.ignore_patterns("scripts"),
     )
     config = ct_node_config(tmp_path / "data", destination, models_dir=str(outside))
-    config["rules"][0]["models"] = ["site-bone"]
+    config["rules"] = [{**CT_RULE, "models": ["site-bone"]}]
     node = NodeProcess(tmp_path / "node", config, executable=python.parent / "pacsnode")
     with node:
         series = make_phantom_series(tmp_path / "ct", "INSTALLED")
