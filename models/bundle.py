@@ -15,13 +15,21 @@ names come from ``outputs.pred.channel_def``; their codes and colours from
 in ``pacsnode.yaml``, and their number must match the bundle's output channels.
 
 Preprocessing. pacsnode does not run the bundle's own ``preprocessing`` Compose (it
-starts from files via LoadImaged); it reads the literal arguments of these transforms
-from ``inference.json`` ``preprocessing#transforms`` unless ``pacsnode.yaml``
-``preprocessing`` sets them: ``Orientation(d)`` ``axcodes``, ``Spacing(d)`` ``pixdim``,
-``ScaleIntensityRange(d)`` (the window), ``NormalizeIntensity(d)`` (``zscore``),
-``ScaleIntensity(d)`` (``minmax``) and ``Resize(d)`` ``spatial_size`` (a classifier's
-``input_size``). Other transforms are ignored. Sliding-window settings default to the
-bundle's ``inferer``.
+starts from files via LoadImaged); it reproduces these transforms on the device, taking
+their arguments from ``inference.json`` ``preprocessing#transforms`` unless
+``pacsnode.yaml`` ``preprocessing`` sets them: ``Orientation(d)`` ``axcodes``,
+``Spacing(d)`` ``pixdim`` (bilinear, border: the same grid as MONAI's), then
+``ScaleIntensityRange(d)`` (the window), ``NormalizeIntensity(d)`` (``zscore``) or
+``ScaleIntensity(d)`` (``minmax``), then ``Resize(d)`` ``spatial_size`` (a classifier's
+``input_size``). Transforms that only load, add a channel or change the type are
+pass-through. Nothing is ignored silently: any other transform, these in another order,
+an argument pacsnode does not reproduce, a ``$`` expression, a postprocessing step other
+than activation, argmax and inversion, or an inferer other than a sliding window is
+refused with the file, the transform and the reason, so the model cannot run with
+results that differ from the bundle's own (running the bundle's own chain is still to
+come). An ``@name`` argument takes the literal value of ``name`` in ``inference.json``.
+The sliding window follows the bundle's ``inferer``: roi, overlap, batch, ``mode``
+(constant or gaussian), ``sigma_scale`` and ``padding_mode``.
 
 Parsing ``network_def`` goes through :class:`monai.bundle.ConfigParser`, which may
 evaluate ``$`` expressions and import ``_target_`` components: a bundle is code, and is
@@ -46,7 +54,7 @@ from models.spec import (
     read_spec,
 )
 
-__all__ = ["INFERENCE_FILE", "METADATA_FILE", "is_bundle", "read_bundle"]
+__all__ = ["INFERENCE_FILE", "METADATA_FILE", "check_chain", "is_bundle", "read_bundle"]
 
 METADATA_FILE = Path("configs") / "metadata.json"
 INFERENCE_FILE = Path("configs") / "inference.json"
@@ -75,24 +83,132 @@ def _literal(value: Any) -> bool:
     return not (isinstance(value, str) and value[:1] in ("$", "@"))
 
 
+#: Transforms that change nothing pacsnode's in-memory path depends on.
+_PASS_THROUGH = frozenset(
+    {"LoadImage", "EnsureChannelFirst", "AddChannel", "AsChannelFirst", "EnsureType",
+     "ToTensor", "ToDevice", "Identity", "DataStats", "SaveImage", "CopyItems"}
+)  # fmt: skip
+#: Preprocessing pacsnode reproduces, by the order it applies it in.
+_REPRODUCED_RANK = {
+    "Orientation": 0,
+    "Spacing": 1,
+    "ScaleIntensityRange": 2,
+    "NormalizeIntensity": 3,
+    "ScaleIntensity": 3,
+    "Resize": 4,
+}
+#: Postprocessing pacsnode does itself: activation, argmax, inversion to the source grid.
+_POSTPROCESSING_DONE = frozenset({"Activations", "AsDiscrete", "Invert"})
+#: Arguments of reproduced transforms that pacsnode reproduces only at these values.
+_FIXED_ARGUMENTS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "Spacing": {"mode": ("bilinear", None), "padding_mode": ("border", None),
+                "diagonal": (False, None), "scale_extent": (False, None),
+                "recompute_affine": (False, None)},
+    "AsDiscrete": {"threshold": (None,), "rounding": (None,)},
+}  # fmt: skip
+
+
+def _transform_name(transform: dict[str, Any]) -> str:
+    """``monai.transforms.Spacingd`` -> ``Spacing``: the array transform's name."""
+    name = str(transform.get("_target_", "")).rsplit(".", 1)[-1]
+    known = _PASS_THROUGH | _POSTPROCESSING_DONE | set(_REPRODUCED_RANK)
+    return name[:-1] if name.endswith("d") and name[:-1] in known else name
+
+
+def _transforms(inference: dict[str, Any], section: str) -> list[dict[str, Any]]:
+    config = inference.get(section)
+    transforms = config.get("transforms") if isinstance(config, dict) else None
+    return [t for t in transforms if isinstance(t, dict)] if isinstance(transforms, list) else []
+
+
+def _resolve(inference: dict[str, Any], where: str, key: str, value: Any) -> Any:
+    """An argument's value: ``@name`` is ``name``'s literal value in inference.json.
+
+    Raises
+    ------
+    ModelSpecError
+        For a ``$`` expression, or an ``@`` reference to something that is not literal.
+    """
+    if isinstance(value, str) and value.startswith("@"):
+        target = inference.get(value[1:].split("#", 1)[0])
+        if "#" not in value and target is not None and _literal(target):
+            return target
+        raise ModelSpecError(
+            f"{where}: argument {key!r} is {value!r}, which is not a literal value in the file"
+        )
+    if isinstance(value, str) and value.startswith("$"):
+        raise ModelSpecError(
+            f"{where}: argument {key!r} is the expression {value!r}, which pacsnode does not "
+            "evaluate"
+        )
+    return value
+
+
 def _transform_args(inference: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any] | None:
-    """Literal arguments of the first preprocessing transform whose ``_target_`` is in
-    ``names`` (None if there is none); ``$``/``@`` expressions are left out."""
-    preprocessing = inference.get("preprocessing")
-    transforms = preprocessing.get("transforms") if isinstance(preprocessing, dict) else None
-    if not isinstance(transforms, list):
-        return None
-    for transform in transforms:
-        if not isinstance(transform, dict):
-            continue
+    """Arguments of the first preprocessing transform whose ``_target_`` is in ``names``
+    (None if there is none), ``@`` references resolved; structural keys (``keys`` and
+    the like) are left out."""
+    for transform in _transforms(inference, "preprocessing"):
         target = str(transform.get("_target_", "")).rsplit(".", 1)[-1]
         if target in names:
             return {
-                key: value
+                key: _resolve(inference, target, key, value)
                 for key, value in transform.items()
-                if not key.startswith("_") and _literal(value)
+                if not key.startswith("_") and key not in ("keys", "allow_missing_keys")
             }
     return None
+
+
+def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> None:
+    """Refuse a bundle whose transforms or inferer pacsnode would not reproduce.
+
+    Raises
+    ------
+    ModelSpecError
+        Naming the file, the transform (``preprocessing#transforms#2 CropForegroundd``)
+        and why.
+    """
+    previous: tuple[int, str] | None = None
+    for section in ("preprocessing", "postprocessing"):
+        for index, transform in enumerate(_transforms(inference, section)):
+            name = _transform_name(transform)
+            where = f"{inference_path}: {section}#transforms#{index} {transform.get('_target_')}"
+            allowed = _PASS_THROUGH | (
+                set(_REPRODUCED_RANK) if section == "preprocessing" else _POSTPROCESSING_DONE
+            )
+            if name == "Resize" and task != "classification":
+                allowed = allowed - {"Resize"}
+            if name not in allowed:
+                raise ModelSpecError(
+                    f"{where}: pacsnode does not reproduce this transform, so the model's "
+                    "results would differ from the bundle's own; it cannot run"
+                )
+            for key, accepted in _FIXED_ARGUMENTS.get(name, {}).items():
+                value = _resolve(inference, where, key, transform.get(key))
+                if value not in accepted:
+                    raise ModelSpecError(
+                        f"{where}: {key}={value!r} is not reproduced (pacsnode uses "
+                        f"{accepted[0]!r})"
+                    )
+            for key, value in transform.items():
+                if not key.startswith("_") and key != "keys":
+                    _resolve(inference, where, key, value)
+            rank = _REPRODUCED_RANK.get(name) if section == "preprocessing" else None
+            if rank is not None:
+                if previous is not None and rank < previous[0]:
+                    raise ModelSpecError(
+                        f"{where}: comes after {previous[1]}; pacsnode applies orientation, "
+                        "spacing, intensity, then resizing, so the results would differ"
+                    )
+                previous = (rank, name)
+    inferer = inference.get("inferer")
+    if task == "segmentation" and isinstance(inferer, dict):
+        target = str(inferer.get("_target_", "SlidingWindowInferer")).rsplit(".", 1)[-1]
+        if target != "SlidingWindowInferer":
+            raise ModelSpecError(
+                f"{inference_path}: inferer {target} is not reproduced (pacsnode runs a "
+                "sliding window over the volume)"
+            )
 
 
 def _preprocessing(
@@ -257,11 +373,25 @@ def read_bundle(path: Path) -> NetworkInfo:
 
     inferer_config = inference.get("inferer")
     inferer: dict[str, Any] = inferer_config if isinstance(inferer_config, dict) else {}
+    check_chain(inference, inference_path, spec.task)
+    window = {
+        key: _resolve(inference, f"{inference_path}: inferer", key, value)
+        for key, value in inferer.items()
+        if not key.startswith("_")
+    }
+    for key, accepted in (
+        ("mode", ("constant", "gaussian")),
+        ("padding_mode", ("constant", "reflect", "replicate", "circular")),
+    ):
+        if window.get(key, accepted[0]) not in accepted:
+            raise ModelSpecError(
+                f"{inference_path}: inferer {key}={window[key]!r} is not one of {accepted}"
+            )
     settings = spec.inference
     roi = settings.roi_size
     if roi is None and spec.task == "segmentation":
-        value = inferer.get("roi_size")
-        if value is not None and _literal(value) and isinstance(value, list) and len(value) == 3:
+        value = window.get("roi_size")
+        if isinstance(value, list) and len(value) == 3:
             roi = (int(value[0]), int(value[1]), int(value[2]))
         else:
             raise ModelSpecError(
@@ -270,9 +400,9 @@ def read_bundle(path: Path) -> NetworkInfo:
             )
     overlap = settings.overlap
     if overlap is None:
-        value = inferer.get("overlap", 0.25)
+        value = window.get("overlap", 0.25)
         overlap = float(value) if isinstance(value, int | float) and 0 <= value < 1 else 0.25
-    value = inferer.get("sw_batch_size")
+    value = window.get("sw_batch_size")
     default_sw_batch_size = value if isinstance(value, int) and value >= 1 else None
 
     meta_name = str(metadata.get("name", path.name))
@@ -291,4 +421,7 @@ def read_bundle(path: Path) -> NetworkInfo:
         roi_size=roi,
         overlap=overlap,
         default_sw_batch_size=default_sw_batch_size,
+        window_mode=window.get("mode", "constant"),
+        sigma_scale=float(window.get("sigma_scale", 0.125)),
+        padding_mode=window.get("padding_mode", "constant"),
     )

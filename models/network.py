@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -104,6 +106,48 @@ def _apply_orientation(tensor: torch.Tensor, ornt: npt.NDArray[np.float64]) -> t
     return tensor.permute(*range(first), *(first + axis for axis in order))
 
 
+def resample_axis(x: torch.Tensor, axis: int, positions: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``axis`` at fractional indices ``positions``;
+    positions past either end take the edge value (MONAI's border padding)."""
+    import torch
+
+    last = x.shape[axis] - 1
+    where = positions.to(x.device, torch.float64).clamp(0, last)
+    low = where.floor().long().clamp(0, last)
+    high = (low + 1).clamp(max=last)
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    weight = (where - low).to(x.dtype).reshape(shape)
+    return x.index_select(axis, low) * (1 - weight) + x.index_select(axis, high) * weight
+
+
+def spacing_resample(
+    x: torch.Tensor, spacing: Sequence[float], target: Sequence[float]
+) -> torch.Tensor:
+    """Resample the spatial axes of ``x`` (N, C, *spatial) from voxel ``spacing`` to
+    ``target`` as MONAI's ``Spacing(d)`` (bilinear, border) does for an axis-aligned
+    grid: ``round((n - 1) * s / t) + 1`` voxels, the first at the centre of voxel 0."""
+    import torch
+
+    for axis, (s, t) in enumerate(zip(spacing, target, strict=True)):
+        n = x.shape[2 + axis]
+        count = round((n - 1) * s / t) + 1
+        x = resample_axis(x, 2 + axis, torch.arange(count, dtype=torch.float64) * (t / s))
+    return x
+
+
+def spacing_inverse(
+    x: torch.Tensor, spacing: Sequence[float], target: Sequence[float], shape: Sequence[int]
+) -> torch.Tensor:
+    """Back from :func:`spacing_resample`'s grid to the original ``shape``, as MONAI's
+    inversion of ``Spacing`` (``Invertd``) does."""
+    import torch
+
+    for axis, (s, t) in enumerate(zip(spacing, target, strict=True)):
+        x = resample_axis(x, 2 + axis, torch.arange(shape[axis], dtype=torch.float64) * (s / t))
+    return x
+
+
 def argmax_channels(logits: torch.Tensor) -> torch.Tensor:
     """``torch.argmax(logits, dim=0)`` as uint8, for (channels, *spatial) logits.
 
@@ -120,6 +164,17 @@ def argmax_channels(logits: torch.Tensor) -> torch.Tensor:
         best = torch.where(higher, logits[channel], best)
         labels[higher] = channel
     return labels
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where a network's output goes back to: the volume's spatial shape and voxel
+    spacing after reorientation, and the orientation transform back to its axes (None
+    when the array order is kept)."""
+
+    shape: tuple[int, ...]
+    back: npt.NDArray[np.float64] | None
+    spacing: tuple[float, ...]
 
 
 class NetworkRunner:
@@ -184,12 +239,9 @@ class NetworkRunner:
 
     # --- preprocessing, on the device --------------------------------------------------
 
-    def to_network_input(
-        self, volume: Volume
-    ) -> tuple[torch.Tensor, npt.NDArray[np.float64] | None, tuple[int, ...]]:
-        """The network's input, (1, 1, *spatial) on the device; the orientation transform
-        back to the volume's axes (None when the array order is kept); and the spatial
-        shape after reorientation, before resampling (the grid results go back to).
+    def to_network_input(self, volume: Volume) -> tuple[torch.Tensor, _Grid]:
+        """The network's input, (1, 1, *spatial) on the device, and the grid the results
+        go back to (the volume's, after reorientation, before resampling).
 
         A one-slice volume given to an ``image`` model becomes (1, 1, rows, columns).
 
@@ -226,13 +278,9 @@ class NetworkRunner:
             spacing = (net_spacing[0], net_spacing[1], net_spacing[2])
             back = orientations.ornt_transform(target, current)
         x = x[None, None]
-        grid_shape = tuple(x.shape[2:])
+        grid = _Grid(tuple(x.shape[2:]), back, tuple(spacing))
         if pre.spacing_mm is not None:
-            size = [
-                max(1, round(n * s / t))
-                for n, s, t in zip(x.shape[2:], spacing, pre.spacing_mm, strict=True)
-            ]
-            x = F.interpolate(x, size=size, mode="trilinear", align_corners=False)
+            x = spacing_resample(x, spacing, pre.spacing_mm)
         if pre.intensity is not None:
             w = pre.intensity
             if w.clip:
@@ -247,7 +295,7 @@ class NetworkRunner:
         if pre.input_size is not None:
             mode = "bilinear" if image_input else "trilinear"
             x = F.interpolate(x, size=list(pre.input_size), mode=mode, align_corners=False)
-        return x.contiguous(), back, grid_shape
+        return x.contiguous(), grid
 
     # --- segmentation ------------------------------------------------------------------
 
@@ -270,6 +318,9 @@ class NetworkRunner:
                         self.sw_batch_size,
                         self.net,
                         overlap=info.overlap,
+                        mode=info.window_mode,
+                        sigma_scale=info.sigma_scale,
+                        padding_mode=info.padding_mode,
                         sw_device=self.device,
                         device=stitch_device,
                     )
@@ -297,7 +348,7 @@ class NetworkRunner:
         import torch
 
         with self.lock, torch.inference_mode():
-            x, back, grid_shape = self.to_network_input(volume)
+            x, grid = self.to_network_input(volume)
             logits = self.sliding_window(x)
             del x
             channels = int(logits.shape[1])
@@ -309,30 +360,24 @@ class NetworkRunner:
                     "at most 256"
                 )
             try:
-                labels = self._labels_on_grid(logits, grid_shape, back)
+                labels = self._labels_on_grid(logits, grid)
             except torch.OutOfMemoryError:
                 # Resampling C channels back to the grid needs C volumes of float32.
                 logger.warning(
                     "%s: out of memory after stitching; finishing on the host", self.info.name
                 )
                 torch.cuda.empty_cache()
-                labels = self._labels_on_grid(logits.cpu(), grid_shape, back)
+                labels = self._labels_on_grid(logits.cpu(), grid)
             return np.ascontiguousarray(labels.cpu().numpy(), dtype=np.uint8)
 
-    @staticmethod
-    def _labels_on_grid(
-        logits: torch.Tensor, grid_shape: tuple[int, ...], back: npt.NDArray[np.float64] | None
-    ) -> torch.Tensor:
+    def _labels_on_grid(self, logits: torch.Tensor, grid: _Grid) -> torch.Tensor:
         """Resample the logits to the volume's (reoriented) grid, argmax, orient back."""
-        import torch.nn.functional as F
-
-        if tuple(logits.shape[2:]) != grid_shape:
-            logits = F.interpolate(
-                logits.float(), size=list(grid_shape), mode="trilinear", align_corners=False
-            )
+        target = self.info.preprocessing.spacing_mm
+        if target is not None:
+            logits = spacing_inverse(logits.float(), grid.spacing, target, grid.shape)
         labels = argmax_channels(logits[0])
-        if back is not None:
-            labels = _apply_orientation(labels, back)
+        if grid.back is not None:
+            labels = _apply_orientation(labels, grid.back)
         return labels
 
     # --- classification ----------------------------------------------------------------
@@ -343,7 +388,7 @@ class NetworkRunner:
 
         info = self.info
         with self.lock, torch.inference_mode():
-            x, _, _ = self.to_network_input(volume)
+            x, _ = self.to_network_input(volume)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 output = self.net(x)
             scores = torch.as_tensor(output).float().reshape(-1)

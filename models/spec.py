@@ -267,6 +267,11 @@ class NetworkInfo(BaseModel):
     roi_size: tuple[int, int, int] | None = None
     overlap: float = 0.25
     default_sw_batch_size: int | None = None
+    #: How overlapping windows are blended (MONAI's ``constant`` or ``gaussian``), the
+    #: gaussian's ``sigma_scale``, and how windows past the edge are padded.
+    window_mode: Literal["constant", "gaussian"] = "constant"
+    sigma_scale: float = 0.125
+    padding_mode: Literal["constant", "reflect", "replicate", "circular"] = "constant"
 
     @property
     def task(self) -> Literal["segmentation", "classification"]:

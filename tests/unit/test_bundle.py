@@ -219,7 +219,7 @@ def test_stitching_falls_back_to_host_memory(
 
     runner = model.runner
     with torch.inference_mode():
-        x, _, _ = runner.to_network_input(volume)
+        x, _ = runner.to_network_input(volume)
         monkeypatch.setattr(runner, "device", torch.device("cuda"))
         monkeypatch.setattr(monai.inferers, "sliding_window_inference", pretend_gpu)
         monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)

@@ -1,0 +1,135 @@
+"""A bundle's transforms and inferer are reproduced exactly or refused by name: the grid
+of MONAI's Spacing and its inversion, the gaussian sliding window, and every transform
+pacsnode does not reproduce."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from models.bundle import INFERENCE_FILE, read_bundle
+from models.network import BUNDLES_DIR, NetworkRunner, spacing_inverse, spacing_resample
+from models.spec import ModelSpecError
+
+DEMO = BUNDLES_DIR / "ct-bone-demo"
+
+
+@pytest.mark.parametrize(
+    ("spacing", "target"), [((1.3, 0.7, 2.5), (1.0, 1.5, 1.0)), ((0.8, 0.8, 5.0), (1.5, 1.5, 2.0))]
+)
+def test_spacing_is_monais_spacing_and_back(
+    spacing: tuple[float, float, float], target: tuple[float, float, float]
+) -> None:
+    from monai.data import MetaTensor
+    from monai.transforms import Spacing
+
+    volume = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 23, 31, 17)))
+    image = MetaTensor(volume.float(), affine=torch.from_numpy(np.diag([*spacing, 1.0])))
+    transform = Spacing(pixdim=target, mode="bilinear")
+    expected = transform(image)
+    resampled = spacing_resample(volume[None].float(), spacing, target)[0]
+    assert tuple(resampled.shape) == tuple(expected.shape)
+    assert float((resampled - torch.as_tensor(expected)).abs().max()) < 1e-5
+    restored = spacing_inverse(resampled[None], spacing, target, volume.shape[1:])[0]
+    inverted = torch.as_tensor(transform.inverse(expected))
+    assert float((restored - inverted).abs().max()) < 1e-5
+
+
+def _bundle(tmp_path: Path, change: Any) -> Path:
+    folder = tmp_path / "bundle"
+    shutil.copytree(DEMO, folder, ignore=shutil.ignore_patterns("scripts"))
+    inference = json.loads((folder / INFERENCE_FILE).read_text())
+    change(inference)
+    (folder / INFERENCE_FILE).write_text(json.dumps(inference))
+    return folder
+
+
+def _pre(inference: dict[str, Any]) -> list[dict[str, Any]]:
+    transforms: list[dict[str, Any]] = inference["preprocessing"]["transforms"]
+    return transforms
+
+
+def test_a_gaussian_window_is_monais_gaussian_window(tmp_path: Path) -> None:
+    from monai.inferers import sliding_window_inference
+
+    folder = _bundle(
+        tmp_path,
+        lambda i: i["inferer"].update(mode="gaussian", sigma_scale=0.2, padding_mode="replicate"),
+    )
+    info = read_bundle(folder)
+    assert (info.window_mode, info.sigma_scale, info.padding_mode) == ("gaussian", 0.2, "replicate")
+    runner = NetworkRunner(info)
+    assert info.roi_size is not None
+    x = torch.from_numpy(np.random.default_rng(1).random((1, 1, 40, 72, 72), np.float32))
+    with torch.inference_mode():
+        logits = runner.sliding_window(x)
+        expected = sliding_window_inference(
+            x, info.roi_size, runner.sw_batch_size, runner.net, overlap=info.overlap,
+            mode="gaussian", sigma_scale=0.2, padding_mode="replicate",
+        )  # fmt: skip
+    assert torch.equal(logits, torch.as_tensor(expected))
+
+
+def test_an_at_reference_takes_the_files_literal_value(tmp_path: Path) -> None:
+    def spacing_by_reference(inference: dict[str, Any]) -> None:
+        inference["pixdim"] = [1.5, 1.5, 2.0]
+        _pre(inference).insert(1, {"_target_": "Spacingd", "keys": "image", "pixdim": "@pixdim"})
+
+    info = read_bundle(_bundle(tmp_path, spacing_by_reference))
+    assert info.preprocessing.spacing_mm == (1.5, 1.5, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda i: _pre(i).insert(1, {"_target_": "CropForegroundd", "keys": "image"}),
+            r"preprocessing#transforms#1 CropForegroundd: pacsnode does not reproduce",
+        ),
+        (
+            lambda i: i["postprocessing"]["transforms"].append(
+                {"_target_": "KeepLargestConnectedComponentd", "keys": "pred"}
+            ),
+            r"postprocessing#transforms#1 KeepLargestConnectedComponentd: pacsnode does not",
+        ),
+        (
+            lambda i: _pre(i).insert(
+                1, {"_target_": "Spacingd", "keys": "image", "pixdim": "$[1.0, 1.0, 1.0]"}
+            ),
+            r"argument 'pixdim' is the expression '\$\[1\.0, 1\.0, 1\.0\]'",
+        ),
+        (
+            lambda i: _pre(i).append(
+                {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.0]}
+            ),
+            r"#3 Spacingd: comes after ScaleIntensityRange",
+        ),
+        (
+            lambda i: _pre(i).insert(
+                1, {"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 1], "mode": "nearest"}
+            ),
+            r"mode='nearest' is not reproduced \(pacsnode uses 'bilinear'\)",
+        ),
+        (
+            lambda i: i["inferer"].update({"_target_": "SliceInferer"}),
+            r"inferer SliceInferer is not reproduced",
+        ),
+        (
+            lambda i: _pre(i).append({"_target_": "Resized", "keys": "image", "spatial_size": [9]}),
+            r"#3 Resized: pacsnode does not reproduce",
+        ),
+    ],
+)
+def test_what_is_not_reproduced_is_refused_by_name(
+    tmp_path: Path, change: Any, message: str
+) -> None:
+    folder = _bundle(tmp_path, change)
+    with pytest.raises(ModelSpecError, match=message) as caught:
+        read_bundle(folder)
+    assert str(folder / INFERENCE_FILE) in str(caught.value)
