@@ -295,6 +295,13 @@ class Model(abc.ABC):
         return _WEIGHTS_DIGESTS[cls]
 
     @classmethod
+    def fingerprint(cls) -> str:
+        """What identifies the model's files: a reload compares it to see whether a
+        worker must load the model again. The weights' digest here; for a model folder,
+        every file in it (spec and configs included)."""
+        return cls.algorithm_version()
+
+    @classmethod
     def algorithm_version(cls) -> str:
         """The version results name: ``version``, plus the first 12 hex digits of the
         weights' SHA-256 (``1.0.0 sha256:1a2b3c4d5e6f``), so every result names the

@@ -103,7 +103,10 @@ _POSTPROCESSING_DONE = frozenset({"Activations", "AsDiscrete", "Invert"})
 _FIXED_ARGUMENTS: dict[str, dict[str, tuple[Any, ...]]] = {
     "Spacing": {"mode": ("bilinear", None), "padding_mode": ("border", None),
                 "diagonal": (False, None), "scale_extent": (False, None),
-                "recompute_affine": (False, None)},
+                "recompute_affine": (False, None), "align_corners": (False, None),
+                "min_pixdim": (None,), "max_pixdim": (None,)},
+    "Resize": {"mode": ("trilinear", "bilinear"), "align_corners": (None, False),
+               "size_mode": ("all", None), "anti_aliasing": (False, None)},
     "AsDiscrete": {"threshold": (None,), "rounding": (None,)},
 }  # fmt: skip
 
@@ -119,6 +122,15 @@ def _transforms(inference: dict[str, Any], section: str) -> list[dict[str, Any]]
     config = inference.get(section)
     transforms = config.get("transforms") if isinstance(config, dict) else None
     return [t for t in transforms if isinstance(t, dict)] if isinstance(transforms, list) else []
+
+
+def _unlisted(inference: dict[str, Any], section: str) -> str | None:
+    """The section's transforms when they are not a literal list (e.g. an expression)."""
+    config = inference.get(section)
+    if config is None:
+        return None
+    transforms = config.get("transforms") if isinstance(config, dict) else config
+    return None if isinstance(transforms, list) else repr(transforms)
 
 
 def _resolve(inference: dict[str, Any], where: str, key: str, value: Any) -> Any:
@@ -169,7 +181,13 @@ def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> N
         and why.
     """
     previous: tuple[int, str] | None = None
+    seen: set[int] = set()
     for section in ("preprocessing", "postprocessing"):
+        if (unlisted := _unlisted(inference, section)) is not None:
+            raise ModelSpecError(
+                f"{inference_path}: {section} transforms are {unlisted[:80]}, not a list "
+                "pacsnode can check; it cannot run"
+            )
         for index, transform in enumerate(_transforms(inference, section)):
             name = _transform_name(transform)
             where = f"{inference_path}: {section}#transforms#{index} {transform.get('_target_')}"
@@ -183,6 +201,8 @@ def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> N
                     f"{where}: pacsnode does not reproduce this transform, so the model's "
                     "results would differ from the bundle's own; it cannot run"
                 )
+            if name in _PASS_THROUGH:
+                continue  # their arguments (file names, dtypes) do not change the numbers
             for key, accepted in _FIXED_ARGUMENTS.get(name, {}).items():
                 value = _resolve(inference, where, key, transform.get(key))
                 if value not in accepted:
@@ -200,6 +220,18 @@ def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> N
                         f"{where}: comes after {previous[1]}; pacsnode applies orientation, "
                         "spacing, intensity, then resizing, so the results would differ"
                     )
+                if rank in seen:
+                    raise ModelSpecError(
+                        f"{where}: a second intensity, spacing, orientation or resizing "
+                        "transform; pacsnode reproduces one of each"
+                    )
+                if name == "Spacing" and 0 not in seen:
+                    raise ModelSpecError(
+                        f"{where}: Spacing without an Orientation before it; pacsnode's "
+                        "array axes are not MONAI's loaded ones, so pixdim would apply to "
+                        "other axes"
+                    )
+                seen.add(rank)
                 previous = (rank, name)
     inferer = inference.get("inferer")
     if task == "segmentation" and isinstance(inferer, dict):
@@ -208,6 +240,16 @@ def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> N
             raise ModelSpecError(
                 f"{inference_path}: inferer {target} is not reproduced (pacsnode runs a "
                 "sliding window over the volume)"
+            )
+        for key, accepted in (("cval", (0, 0.0, None)), ("roi_weight_map", (None,))):
+            if inferer.get(key) not in accepted:
+                raise ModelSpecError(
+                    f"{inference_path}: inferer {key}={inferer[key]!r} is not reproduced"
+                )
+        overlap = inferer.get("overlap", 0.25)
+        if not isinstance(overlap, int | float):
+            raise ModelSpecError(
+                f"{inference_path}: inferer overlap={overlap!r} is not reproduced (one number)"
             )
 
 

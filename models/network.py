@@ -20,6 +20,7 @@ concurrency.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -75,10 +76,15 @@ def read_network(path: Path) -> NetworkInfo:
         If the folder is neither, or what it holds is incomplete or wrong.
     """
     path = Path(path)
-    if is_bundle(path):
-        return read_bundle(path)
-    if is_exported_model(path):
-        return read_exported_model(path)
+    try:
+        if is_bundle(path):
+            return read_bundle(path)
+        if is_exported_model(path):
+            return read_exported_model(path)
+    except ModelSpecError:
+        raise
+    except Exception as e:  # a broken folder must fail this model alone, with the reason
+        raise ModelSpecError(f"{path} cannot be read: {type(e).__name__}: {e}") from e
     raise ModelSpecError(
         f"{path} is neither a MONAI bundle (configs/metadata.json) nor an exported model "
         "(model.ts or model.onnx with pacsnode.yaml)"
@@ -416,6 +422,19 @@ class _NetworkModel:
         return (cls.weights_path,) if cls.weights_path is not None else ()
 
     @classmethod
+    def fingerprint(cls) -> str:
+        """SHA-256 over every file of the folder (name and content)."""
+        digest = hashlib.sha256()
+        for path in sorted(p for p in cls.model_dir.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(cls.model_dir)).encode())
+            try:
+                with path.open("rb") as fh:
+                    digest.update(hashlib.file_digest(fh, "sha256").digest())
+            except OSError as e:
+                digest.update(str(e).encode())
+        return digest.hexdigest()
+
+    @classmethod
     def missing_requirements(cls) -> str | None:
         """The first problem :func:`read_network` finds in this folder, or None."""
         try:
@@ -517,10 +536,13 @@ def discover_network_models(
 ) -> list[type[NetworkSegmentationModel | NetworkClassificationModel]]:
     """One class per model folder in ``folder`` (a bundle, or a folder with a
     ``pacsnode.yaml``), made once per process and path."""
-    if not folder.is_dir():
+    try:
+        folders = sorted(p.resolve() for p in folder.iterdir() if p.is_dir())
+    except OSError as e:
+        logger.error("models folder %s cannot be listed: %s", folder, e)
         return []
     classes = []
-    for path in sorted(p.resolve() for p in folder.iterdir() if p.is_dir()):
+    for path in folders:
         if not (is_bundle(path) or is_exported_model(path)):
             continue
         if path not in _CLASSES:

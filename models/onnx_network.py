@@ -29,9 +29,23 @@ class OnnxNetwork(torch.nn.Module):
         ):
             providers.insert(0, "CUDAExecutionProvider")
         self.session = onnxruntime.InferenceSession(str(path), providers=providers)
-        self.input_name = self.session.get_inputs()[0].name
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        batch = graph_input.shape[0] if graph_input.shape else None
+        #: A graph exported with a fixed batch size takes exactly that many windows.
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         array = x.detach().float().cpu().numpy()
-        (output, *_) = self.session.run(None, {self.input_name: array})
-        return torch.from_numpy(np.asarray(output)).to(x.device)
+        if self.fixed_batch is None:
+            (output, *_) = self.session.run(None, {self.input_name: array})
+            return torch.from_numpy(np.asarray(output)).to(x.device)
+        outputs = []
+        for start in range(0, len(array), self.fixed_batch):
+            chunk = array[start : start + self.fixed_batch]
+            short = self.fixed_batch - len(chunk)
+            if short:  # the last windows: pad to the graph's batch, drop the padding after
+                chunk = np.concatenate([chunk, np.zeros((short, *chunk.shape[1:]), chunk.dtype)])
+            (output, *_) = self.session.run(None, {self.input_name: chunk})
+            outputs.append(np.asarray(output)[: self.fixed_batch - short])
+        return torch.from_numpy(np.concatenate(outputs)).to(x.device)

@@ -22,13 +22,16 @@ from models.base import Model, SegmentationModel
 __all__ = [
     "ModelEntry",
     "available_models",
+    "checkpoint",
     "get_model",
     "get_model_class",
     "get_segmentation_model",
     "model_entries",
+    "model_fingerprints",
     "refused_folders",
     "register_model",
     "reload_models",
+    "rollback",
     "use_models_dir",
 ]
 
@@ -122,6 +125,43 @@ def _discover() -> None:
             register_model(cls)
             _Folders.origins[cls.name] = path
     _Folders.discovered = True
+
+
+def model_fingerprints() -> dict[str, str]:
+    """Model name -> :meth:`models.base.Model.fingerprint`, for noticing changed files."""
+    return {name: cls.fingerprint() for name, cls in available_models().items()}
+
+
+def checkpoint() -> tuple[object, ...]:
+    """The registry as it is, for :func:`rollback` (a reload that is refused)."""
+    from models import network
+
+    return (
+        dict(_MODEL_CLASSES),
+        dict(_INSTANCES),
+        _Folders.models_dir,
+        _Folders.discovered,
+        dict(_Folders.origins),
+        dict(_Folders.refused),
+        dict(network._CLASSES),
+    )
+
+
+def rollback(state: tuple[object, ...]) -> None:
+    """Put the registry back as :func:`checkpoint` found it."""
+    from models import network
+
+    classes, instances, models_dir, discovered, origins, refused, folders = state
+    _MODEL_CLASSES.clear()
+    _MODEL_CLASSES.update(classes)  # type: ignore[call-overload]
+    _INSTANCES.clear()
+    _INSTANCES.update(instances)  # type: ignore[call-overload]
+    _Folders.models_dir = models_dir  # type: ignore[assignment]
+    _Folders.discovered = bool(discovered)
+    _Folders.origins = dict(origins)  # type: ignore[call-overload]
+    _Folders.refused = dict(refused)  # type: ignore[call-overload]
+    network._CLASSES.clear()
+    network._CLASSES.update(folders)  # type: ignore[call-overload]
 
 
 def reload_models() -> list[str]:

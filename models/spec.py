@@ -207,6 +207,11 @@ class ModelSpec(_Strict):
                 raise ValueError("classes are for classification models; set task: classification")
             if self.input == InputKindValues.IMAGE:
                 raise ValueError("input: image is for classification models")
+            if self.preprocessing.input_size is not None:
+                raise ValueError(
+                    "preprocessing.input_size is for classification models; a segmentation "
+                    "network runs on the (resampled) volume by sliding window"
+                )
         if self.input == InputKindValues.IMAGE and (
             self.preprocessing.axcodes is not None or self.preprocessing.spacing_mm is not None
         ):

@@ -19,9 +19,9 @@ from types import FrameType
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from models.registry import available_models, reload_models
+from models.registry import checkpoint, model_fingerprints, reload_models, rollback
 from node.completeness import mark_quiet_series_complete
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, folder_problems, load_config
 from node.dispatch import Dispatcher
 from node.routing import route_complete_studies
 from node.scp import start_scp
@@ -98,6 +98,8 @@ class Node:
         self.config_path = config_path.resolve()
         self.stopping = threading.Event()
         self.reload_requested = threading.Event()
+        #: The models' fingerprints as the worker loaded them (at start, or last reload).
+        self.fingerprints: dict[str, str] = {}
         self.rerun_late = config.completion.late == "rerun"
         data_dir = config.node.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,18 +122,18 @@ class Node:
         already created keep what they were dispatched with. Settings the SCP and the
         processes were started with (node, peers, completion, broker, worker,
         models_dir) need a restart; a change to them is logged and left for then. The
-        embedded worker is restarted only when a model's files changed. An invalid file
-        is refused and the running configuration kept.
+        embedded worker is restarted only when a model's files changed (their
+        fingerprints at start or at the last reload). An invalid file is refused and the
+        running configuration and models are kept.
         """
-        before = {name: cls.algorithm_version() for name, cls in available_models().items()}
+        state = checkpoint()
         names = reload_models()
-        after = {name: cls.algorithm_version() for name, cls in available_models().items()}
-        logger.info("models reloaded: %s", ", ".join(names))
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
+            rollback(state)
             logger.error(
-                "%s not reloaded, the running configuration stays: %s",
+                "%s not reloaded, the running configuration and models stay: %s",
                 self.config_path,
                 "; ".join(exc.errors),
             )
@@ -145,14 +147,22 @@ class Node:
                 ", ".join(pending),
                 self.config_path,
             )
+        if config.models_dir != self.config.models_dir:
+            rollback(state)  # the running models folder stays until the restart
+            names = reload_models()
+        for problem in folder_problems(config):
+            logger.warning("%s (the other models run)", problem)
+        logger.info("models reloaded: %s", ", ".join(names))
         applied = config.model_copy(update={key: getattr(self.config, key) for key in pending})
         self.config = self.dispatcher.config = self.sender.config = applied
         logger.info("configuration reloaded from %s", self.config_path)
-        if after != before and self.worker is not None:
+        fingerprints = model_fingerprints()
+        if fingerprints != self.fingerprints and self.worker is not None:
             logger.info("model files changed: restarting the worker")
             self.worker.stop()
             self.worker.start()
             self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
+        self.fingerprints = fingerprints
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.info("received %s; stopping", signal.Signals(signum).name)
@@ -164,6 +174,9 @@ class Node:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_reload)
         logger.info("effective configuration: %s", self.config.redacted())
+        for problem in folder_problems(self.config):
+            logger.warning("%s (the other models run)", problem)
+        self.fingerprints = model_fingerprints()
         recover_spool(self.spool, self.db, rerun_late=self.rerun_late)
         if self.redis is not None:
             self.redis.start()

@@ -103,6 +103,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return EXIT_BAD_CONFIG
+    from node.config import folder_problems
+
+    problems = folder_problems(config)
+    if problems:
+        sys.stderr.write(f"{args.file}: invalid configuration\n")
+        for problem in problems:
+            sys.stderr.write(f"  {problem}\n")
+        return EXIT_BAD_CONFIG
     _out(
         f"{args.file}: OK ({len(config.rules)} rules, {len(config.destinations)} destinations, "
         f"{len(config.peers)} peers, broker {'embedded' if config.embedded_broker else 'external'})"

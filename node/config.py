@@ -39,6 +39,7 @@ __all__ = [
     "ResultSettings",
     "Rule",
     "WorkerSettings",
+    "folder_problems",
     "load_config",
     "model_problems",
 ]
@@ -321,11 +322,9 @@ class Config(_Frozen):
 
 
 def model_problems(config: Config) -> list[str]:
-    """What keeps the configured models from running, one line each, starting with the
-    YAML path or the model folder's file: rules naming unknown models or models that
-    cannot run here, and every broken folder in ``models_dir`` (a bad pacsnode.yaml or
-    bundle, a name taken twice), used by a rule or not."""
-    from models.registry import available_models, model_entries, refused_folders
+    """What keeps the rules' models from running, one line each, starting with the YAML
+    path: a rule naming an unknown model or one that cannot run here."""
+    from models.registry import available_models
 
     known_models = available_models()
     problems: list[str] = []
@@ -339,11 +338,24 @@ def model_problems(config: Config) -> list[str]:
                 )
             elif (missing := known_models[model].missing_requirements()) is not None:
                 problems.append(f"{where}: model {model!r} cannot run here: {missing}")
+    return problems
+
+
+def folder_problems(config: Config) -> list[str]:
+    """Broken folders in ``models_dir`` that no rule names (a bad pacsnode.yaml or
+    bundle, a name another model has), one line each with the file and field.
+    ``pacsnode check-config`` fails on them; a running node only warns, so one
+    half-copied folder does not stop the others."""
+    from models.registry import model_entries, refused_folders
+
     used = {model for rule in config.rules for model in rule.models}
-    for entry in model_entries():
-        in_folder = Path(entry.source).parent == config.models_dir
-        if entry.problem is not None and in_folder and entry.cls.name not in used:
-            problems.append(f"models_dir: model {entry.cls.name!r}: {entry.problem}")
+    problems = [
+        f"models_dir: model {entry.cls.name!r}: {entry.problem}"
+        for entry in model_entries()
+        if entry.problem is not None
+        and entry.cls.name not in used
+        and not entry.source.startswith("built in")
+    ]
     problems.extend(f"models_dir: {reason}" for reason in refused_folders().values())
     return problems
 

@@ -370,8 +370,13 @@ def evaluate_classification(
             if (key, name) not in reported:
                 problems.append(f"{labels_csv}: no result of {model} for {name} on {key}")
                 continue
+            try:
+                truth = int(float(row["truth"]))
+            except (TypeError, ValueError):
+                problems.append(f"{labels_csv}: truth {row['truth']!r} for {key} is not 1 or 0")
+                continue
             truths, probabilities = by_class.setdefault(name, ([], []))
-            truths.append(int(row["truth"]))
+            truths.append(truth)
             probabilities.append(reported[(key, name)])
     scores = [
         classification_score(name, truths, probabilities, threshold)

@@ -78,10 +78,23 @@ class SeriesCandidate:
         )
 
 
+def _per_image(model: str) -> bool:
+    """Whether ``model`` reads images one by one (False for a model not available)."""
+    try:
+        return get_model_class(model).input_kind == InputKindValues.IMAGE
+    except KeyError:
+        return False
+
+
 def _skip_reason(model: str, candidate: SeriesCandidate) -> str | None:
-    """Why ``model`` does not take this series (from its ``accepts``), or None."""
+    """Why ``model`` does not take this series (from its ``accepts``, or because it is
+    not available here, e.g. its folder was removed), or None."""
     header = candidate.header if candidate.header is not None else Dataset()
-    return get_model_class(model).accepts.reject_reason(
+    try:
+        cls = get_model_class(model)
+    except KeyError as exc:
+        return f"model {model} is not available: {exc.args[0]}"
+    return cls.accepts.reject_reason(
         modality=str(header.get("Modality", "")),
         orientation=candidate.orientation,
         slices=candidate.instance_count,
@@ -117,7 +130,7 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
                 runnable[choice.model].append(candidate)
         plans[uid] = SeriesPlan(jobs, None)
     for model, fitting in runnable.items():
-        if get_model_class(model).input_kind == InputKindValues.IMAGE:
+        if _per_image(model):
             continue
         best = max(fitting, key=SeriesCandidate.fitness)
         for other in fitting:
@@ -209,7 +222,7 @@ def _check_gaps(db: StateDB, plans: dict[str, SeriesPlan]) -> dict[str, SeriesPl
             job
             for job in plan.jobs
             if job.skipped_reason is None
-            and get_model_class(job.model).input_kind != InputKindValues.IMAGE
+            and not _per_image(job.model)
             and not _unchanged(db, uid, job)
         ]
         if not fresh:
@@ -276,8 +289,7 @@ def route_complete_studies(db: StateDB, rules: list[Rule], *, rerun_late: bool =
                             study_uid,
                             job.model,
                             uid,
-                            per_study=rerun_late
-                            and get_model_class(job.model).input_kind != InputKindValues.IMAGE,
+                            per_study=rerun_late and not _per_image(job.model),
                         )
                     )
                     for job in plan.jobs

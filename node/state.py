@@ -43,7 +43,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the tables change; a DB of another version is refused at start.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SeriesStateValues(enum.StrEnum):
@@ -768,11 +768,12 @@ class StateDB:
 
     def previous_results(self, job: Job) -> Job | None:
         """The latest earlier job of ``job``'s lineage that produced results: the
-        version ``job`` replaces."""
+        version ``job`` replaces. Shadow results were never sent, so a live job does not
+        replace them (nor a shadow job live ones)."""
         rows = self._query(
             "SELECT * FROM jobs WHERE lineage = ? AND id < ? AND result IS NOT NULL "
-            "ORDER BY id DESC LIMIT 1",
-            (job.lineage, job.id),
+            "AND shadow = ? ORDER BY id DESC LIMIT 1",
+            (job.lineage, job.id, int(job.shadow)),
         )
         return _job(rows[0]) if rows else None
 

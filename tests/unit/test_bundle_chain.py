@@ -79,10 +79,14 @@ def test_a_gaussian_window_is_monais_gaussian_window(tmp_path: Path) -> None:
 def test_an_at_reference_takes_the_files_literal_value(tmp_path: Path) -> None:
     def spacing_by_reference(inference: dict[str, Any]) -> None:
         inference["pixdim"] = [1.5, 1.5, 2.0]
-        _pre(inference).insert(1, {"_target_": "Spacingd", "keys": "image", "pixdim": "@pixdim"})
+        _pre(inference)[1:1] = [
+            {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
+            {"_target_": "Spacingd", "keys": "image", "pixdim": "@pixdim"},
+        ]
 
     info = read_bundle(_bundle(tmp_path, spacing_by_reference))
     assert info.preprocessing.spacing_mm == (1.5, 1.5, 2.0)
+    assert info.preprocessing.axcodes == "RAS"
 
 
 @pytest.mark.parametrize(
@@ -119,6 +123,26 @@ def test_an_at_reference_takes_the_files_literal_value(tmp_path: Path) -> None:
         (
             lambda i: i["inferer"].update({"_target_": "SliceInferer"}),
             r"inferer SliceInferer is not reproduced",
+        ),
+        (
+            lambda i: _pre(i).insert(
+                1, {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.0]}
+            ),
+            r"#1 Spacingd: Spacing without an Orientation before it",
+        ),
+        (
+            lambda i: i["preprocessing"].update(transforms="$@preprocessing_transforms"),
+            r"preprocessing transforms are '\$@preprocessing_transforms', not a list",
+        ),
+        (
+            lambda i: _pre(i).insert(
+                2, {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 1}
+            ),
+            r"#2 ScaleIntensityRanged: a second intensity",
+        ),
+        (
+            lambda i: i["inferer"].update(overlap=[0.5, 0.5, 0.5]),
+            r"inferer overlap=\[0\.5, 0\.5, 0\.5\] is not reproduced",
         ),
         (
             lambda i: _pre(i).append({"_target_": "Resized", "keys": "image", "spatial_size": [9]}),

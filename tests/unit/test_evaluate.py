@@ -167,8 +167,12 @@ def test_evaluate_three_studies_against_shifted_references(tmp_path: Path) -> No
         prediction = model.predict(volume)
         reference = np.zeros_like(prediction)
         reference[shift:] = prediction[: len(prediction) - shift]
-        # NIfTI stores (i, j, k); the volume's affine is for (k, j, i).
-        affine = volume.ras_affine[:, [2, 1, 0, 3]]
+        # NIfTI stores (i, j, k) -> RAS, written here by hand: columns go along patient
+        # x (LPS, so -x in RAS) 3 mm, rows along y (-y in RAS) 3 mm, slices along z 5 mm,
+        # from the writer's origin (-100, -120, -50) LPS.
+        affine = np.array(
+            [[-3.0, 0, 0, 100.0], [0, -3.0, 0, 120.0], [0, 0, 5.0, -50.0], [0, 0, 0, 1]]
+        )
         nibabel.Nifti1Image(reference.transpose(2, 1, 0).astype(np.int16), affine).to_filename(
             references / f"{study}.nii.gz"
         )

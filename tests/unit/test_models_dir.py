@@ -17,7 +17,7 @@ from pydicom import Dataset, dcmread
 
 from models import registry
 from models.network import BUNDLES_DIR
-from node.config import ConfigError, load_config
+from node.config import ConfigError, folder_problems, load_config
 from tests.dicom_factory import chest_phantom, write_ct_series
 from tests.job_requests import job_request
 from workers.pipeline import run_job
@@ -29,10 +29,9 @@ PACSNODE = Path(sys.executable).parent / "pacsnode"
 def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test points the registry at its own folder; the others see the defaults."""
     registry.available_models()  # built-ins register into the real registry first
-    monkeypatch.setattr(registry, "_MODEL_CLASSES", dict(registry._MODEL_CLASSES))
-    monkeypatch.setattr(registry, "_INSTANCES", dict(registry._INSTANCES))
+    state = registry.checkpoint()
     yield
-    registry.use_models_dir(None)
+    registry.rollback(state)
 
 
 def _config(tmp_path: Path, **data: Any) -> Path:
@@ -97,25 +96,40 @@ def test_folders_are_read_once_and_again_on_reload(tmp_path: Path) -> None:
 def test_broken_folders_and_taken_names_fail_check_config_by_file_and_field(
     tmp_path: Path,
 ) -> None:
-    config_path = _config(tmp_path)
+    """check-config fails on them; the node itself only warns, so the other models run."""
+    config_path = _config(tmp_path, rules=[{"name": "r", "models": ["ct-tissue"]}])
     broken = _copy("xr-nodule-demo", tmp_path / "site-models" / "broken-xr")
     spec = broken / "pacsnode.yaml"
     spec.write_text(spec.read_text().replace("threshold: 0.5", "threshold: 7"))
     _copy("xr-nodule-demo", tmp_path / "site-models" / "ct-tissue")  # a built-in's name
-    with pytest.raises(ConfigError) as info:
-        load_config(config_path)
-    errors = info.value.errors
+    config = load_config(config_path)  # the rules' models are fine
+    errors = folder_problems(config)
     assert len(errors) == 2, errors
     assert errors[0].startswith(f"models_dir: model 'broken-xr': {spec.resolve()}: threshold")
     taken = (tmp_path / "site-models" / "ct-tissue").resolve()
     assert errors[1] == f"models_dir: {taken}: the name 'ct-tissue' is taken by a built-in model"
 
+    check = subprocess.run(
+        [str(PACSNODE), "check-config", str(config_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert check.returncode == 2
+    listed = [line.strip() for line in check.stderr.splitlines() if line.startswith("  ")]
+    assert listed == errors
     listing = subprocess.run(
         [str(PACSNODE), "models", "--config", str(config_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert listing.returncode == 2  # the config is invalid: nothing to list from
-    assert "threshold" in listing.stderr
+    assert listing.returncode == 1  # listed, with its problems
+    assert f"problem: {errors[1].removeprefix('models_dir: ')}" in listing.stdout.splitlines()
+
+    # A rule naming the broken model: the configuration itself is refused.
+    rules = yaml.safe_dump(
+        {"models_dir": "site-models", "rules": [{"name": "r", "models": ["broken-xr"]}]}
+    )
+    config_path.write_text(rules)
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.models: model 'broken-xr' cannot run here"):
+        load_config(config_path)
 
 
 def test_pacsnode_models_lists_every_model(tmp_path: Path) -> None:

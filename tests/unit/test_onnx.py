@@ -115,6 +115,31 @@ def test_onnx_segmentation_equals_the_torch_network(tmp_path: Path, volume: Volu
     assert np.count_nonzero(labels != expected) <= 2  # only floating-point ties may differ
 
 
+def test_a_graph_with_a_fixed_batch_size_takes_any_number_of_windows(
+    tmp_path: Path, volume: Volume
+) -> None:
+    """torch.onnx.export without dynamic axes fixes the batch at the example's (3 here);
+    the sliding window sends 4 windows a pass, and the last pass fewer."""
+    folder = tmp_path / "fixed-onnx"
+    folder.mkdir()
+    (folder / SPEC_FILE).write_text(SEGMENTATION_SPEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            _bands(), (torch.zeros(3, 1, 8, 32, 32),), str(folder / "model.onnx"), dynamo=False
+        )
+    twin = tmp_path / "fixed-ts"
+    twin.mkdir()
+    (twin / SPEC_FILE).write_text(SEGMENTATION_SPEC)
+    torch.jit.save(torch.jit.script(_bands()), str(twin / "model.ts"))
+    onnx_model, torch_model = network_model_class(folder)(), network_model_class(twin)()
+    assert isinstance(onnx_model, SegmentationModel)
+    assert isinstance(torch_model, SegmentationModel)
+    assert onnx_model.runner.net.fixed_batch == 3
+    labels, expected = onnx_model.predict(volume), torch_model.predict(volume)
+    assert np.count_nonzero(labels != expected) <= 2
+
+
 def test_onnx_classifier_equals_the_torch_network(tmp_path: Path, volume: Volume) -> None:
     onnx_folder = tmp_path / "grade-onnx"
     twin = _export(

@@ -278,3 +278,35 @@ def test_a_rejection_note_is_not_a_report_of_its_version() -> None:
         rejection_notes={"iocm": "rejection-001.dcm"},
     )  # fmt: skip
     assert outcome.reports == (sr,)
+
+
+def test_a_live_version_does_not_replace_shadow_results(tmp_path: Path) -> None:
+    """Shadow results were never sent: the first live job is revision 1, with no
+    predecessor SR for the PACS to look for."""
+    db = StateDB(tmp_path / "state.db")
+    config = Config.model_validate({"node": {"data_dir": str(tmp_path)}})
+    dispatcher = Dispatcher(config, db, _Sent())  # type: ignore[arg-type]
+
+    def version(content: str, shadow: bool) -> int:
+        db.record_instance(
+            sop_instance_uid="1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", calling_ae_title="S",
+            path=Path(f"/spool/1.1_{content}.dcm"), size=1,
+            sha256=hashlib.sha256(content.encode()).hexdigest(),
+        )  # fmt: skip
+        db.mark_series_complete("1.2.3.4")
+        planned = [PlannedJob("ct-tissue", "r", [], lineage="1.2.3/ct-tissue", shadow=shadow)]
+        (job_id,) = db.route_series("1.2.3.4", planned)
+        return job_id
+
+    trial = version("A", shadow=True)
+    assert dispatcher.dispatch_pending() == 1
+    sr = _instance("/r/sr.dcm", "1.2.840.10008.5.1.4.1.1.88.34")
+    db.record_results(trial, JobOutcome(status="ok", files=(sr,)), {})
+    live = version("B", shadow=False)
+    assert dispatcher.dispatch_pending() == 1
+    job = db.job(live)
+    assert job is not None
+    assert job.request is not None
+    assert (job.request.revision, job.request.predecessor) == (1, None)
+    db.close()
