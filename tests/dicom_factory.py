@@ -919,3 +919,14 @@ def demo_radiographs(truth: Sequence[bool], seed: int) -> list[npt.NDArray[np.ui
     spec.loader.exec_module(module)
     rng = np.random.default_rng(seed)
     return [module.synthetic_radiograph(rng, nodule=bool(n)) for n in truth]
+
+
+__all__ += ["header"]
+
+
+def header(**attributes: Any) -> Dataset:
+    """A bare header with these attributes (keyword=value), as rules and routing read it."""
+    ds = Dataset()
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    return ds

@@ -5,20 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydicom import Dataset
 
 from node.config import MatchCondition, Rule
 from node.rules import RoutedModel, condition_matches, route_series, rule_matches
+from tests.dicom_factory import header
 
-
-def _header(**attributes: Any) -> Dataset:
-    ds = Dataset()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-CT = _header(
+CT = header(
     Modality="CT",
     ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
     SeriesDescription="Thorax 1.0 B31f",

@@ -23,17 +23,9 @@ from node.rules_check import (
     parse_duration,
     studies_from_files,
 )
-from tests.dicom_factory import write_ct_series
+from tests.dicom_factory import header, write_ct_series
 
-
-def _header(**attributes: Any) -> Dataset:
-    ds = Dataset()
-    for keyword, value in attributes.items():
-        setattr(ds, keyword, value)
-    return ds
-
-
-CT = _header(
+CT = header(
     Modality="CT",
     ImageType=["ORIGINAL", "PRIMARY", "AXIAL"],
     SeriesDescription="HEAD 5mm",
@@ -142,7 +134,7 @@ RULES = [
 
 
 def _ct(description: str, image_type: list[str], thickness: str) -> Dataset:
-    return _header(
+    return header(
         Modality="CT",
         ImageType=image_type,
         SeriesDescription=description,

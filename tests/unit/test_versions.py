@@ -183,6 +183,20 @@ def test_a_new_version_waits_for_its_predecessor_and_names_what_it_replaces(
     db.close()
 
 
+def _version(db: StateDB, content: str, *, shadow: bool = False) -> int:
+    """Instance 1.1 of series 1.2.3.4 arrives with ``content``; the new job's id."""
+    db.record_instance(
+        sop_instance_uid="1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", calling_ae_title="S",
+        path=Path(f"/spool/1.1_{content}.dcm"), size=1,
+        sha256=hashlib.sha256(content.encode()).hexdigest(),
+    )  # fmt: skip
+    db.mark_series_complete("1.2.3.4")
+    planned = [PlannedJob("ct-tissue", "r", [], lineage="1.2.3/ct-tissue", shadow=shadow)]
+    (job_id,) = db.route_series("1.2.3.4", planned)
+    return job_id
+
+
 def test_a_version_waits_for_every_earlier_one_and_input_seen_again_gets_new_uids(
     tmp_path: Path,
 ) -> None:
@@ -192,23 +206,10 @@ def test_a_version_waits_for_every_earlier_one_and_input_seen_again_gets_new_uid
     db = StateDB(tmp_path / "state.db")
     config = Config.model_validate({"node": {"data_dir": str(tmp_path)}})
     dispatcher = Dispatcher(config, db, _Sent())  # type: ignore[arg-type]
-    planned = [PlannedJob("ct-tissue", "r", [], lineage="1.2.3/ct-tissue")]
-
-    def version(content: str) -> int:
-        db.record_instance(
-            sop_instance_uid="1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", calling_ae_title="S",
-            path=Path(f"/spool/1.1_{content}.dcm"), size=1,
-            sha256=hashlib.sha256(content.encode()).hexdigest(),
-        )  # fmt: skip
-        db.mark_series_complete("1.2.3.4")
-        (job_id,) = db.route_series("1.2.3.4", planned)
-        return job_id
-
-    v1 = version("A")
+    v1 = _version(db, "A")
     assert dispatcher.dispatch_pending() == 1
-    v2 = version("B")
-    v3 = version("C")
+    v2 = _version(db, "B")
+    v3 = _version(db, "C")
     states = {job.id: job.state for job in db.jobs()}
     assert states == {
         v1: JobStateValues.QUEUED,
@@ -219,7 +220,7 @@ def test_a_version_waits_for_every_earlier_one_and_input_seen_again_gets_new_uid
     db.record_results(v1, JobOutcome(status="ok"), {})
     assert dispatcher.dispatch_pending() == 1
     db.record_results(v3, JobOutcome(status="ok"), {})
-    v4 = version("A")
+    v4 = _version(db, "A")
     assert dispatcher.dispatch_pending() == 1
     first, last = db.job(v1), db.job(v4)
     assert first is not None
@@ -287,23 +288,11 @@ def test_a_live_version_does_not_replace_shadow_results(tmp_path: Path) -> None:
     config = Config.model_validate({"node": {"data_dir": str(tmp_path)}})
     dispatcher = Dispatcher(config, db, _Sent())  # type: ignore[arg-type]
 
-    def version(content: str, shadow: bool) -> int:
-        db.record_instance(
-            sop_instance_uid="1.1", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-            series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", calling_ae_title="S",
-            path=Path(f"/spool/1.1_{content}.dcm"), size=1,
-            sha256=hashlib.sha256(content.encode()).hexdigest(),
-        )  # fmt: skip
-        db.mark_series_complete("1.2.3.4")
-        planned = [PlannedJob("ct-tissue", "r", [], lineage="1.2.3/ct-tissue", shadow=shadow)]
-        (job_id,) = db.route_series("1.2.3.4", planned)
-        return job_id
-
-    trial = version("A", shadow=True)
+    trial = _version(db, "A", shadow=True)
     assert dispatcher.dispatch_pending() == 1
     sr = _instance("/r/sr.dcm", "1.2.840.10008.5.1.4.1.1.88.34")
     db.record_results(trial, JobOutcome(status="ok", files=(sr,)), {})
-    live = version("B", shadow=False)
+    live = _version(db, "B")
     assert dispatcher.dispatch_pending() == 1
     job = db.job(live)
     assert job is not None
