@@ -190,18 +190,20 @@ def _no_series_receiving(node: NodeProcess) -> bool | None:
     return True if states and SeriesStateValues.RECEIVING not in states else None
 
 
+def _thick_and_thin(tmp_path: Path, **identity: Any) -> tuple[str, list[Path], list[Path]]:
+    """One study with a 5 mm series (number 2, in ``thick/``) and a 2.5 mm one (number 3,
+    in ``thin/``) on one frame of reference; returns the study UID and both file lists."""
+    study, frame = generate_uid(), generate_uid()
+    common = {"study_instance_uid": study, "frame_of_reference_uid": frame, **identity}
+    thick = _write_series(tmp_path / "thick", 12, (5.0, 3.0, 3.0), series_number=2, **common)
+    thin = _write_series(tmp_path / "thin", 24, (2.5, 3.0, 3.0), series_number=3, **common)
+    return study, thick, thin
+
+
 def test_late_better_series_runs_as_new_version(
     tmp_path: Path, node: NodeProcess, destination: StoreSCP
 ) -> None:
-    study, frame = generate_uid(), generate_uid()
-    thick = _write_series(
-        tmp_path / "thick", 12, (5.0, 3.0, 3.0), study_instance_uid=study,
-        frame_of_reference_uid=frame, series_number=2, series_description="5 mm",
-    )  # fmt: skip
-    thin = _write_series(
-        tmp_path / "thin", 24, (2.5, 3.0, 3.0), study_instance_uid=study,
-        frame_of_reference_uid=frame, series_number=3, series_description="2.5 mm",
-    )  # fmt: skip
+    _, thick, thin = _thick_and_thin(tmp_path, patient_id="LATESERIES")
     _send(node, tmp_path / "thick")
     (first,) = node.wait_for_jobs(1, FINISHED)
     assert first.series_instance_uid == _uid(thick[0], "SeriesInstanceUID")
@@ -223,15 +225,7 @@ def test_late_better_series_runs_as_new_version(
 def test_orthanc_sends_a_study_in_two_parts_and_gets_both_versions(
     tmp_path: Path,
 ) -> None:
-    study, frame = generate_uid(), generate_uid()
-    _write_series(
-        tmp_path / "thick", 12, (5.0, 3.0, 3.0), study_instance_uid=study,
-        frame_of_reference_uid=frame, series_number=2, patient_id="TWOPART",
-    )  # fmt: skip
-    thin = _write_series(
-        tmp_path / "thin", 24, (2.5, 3.0, 3.0), study_instance_uid=study,
-        frame_of_reference_uid=frame, series_number=3, patient_id="TWOPART",
-    )  # fmt: skip
+    study, _, thin = _thick_and_thin(tmp_path, patient_id="TWOPART")
     node_port = free_port()
     with (
         Orthanc(
