@@ -31,6 +31,14 @@ its ``inference`` split into preprocess, sliding window and postprocess by times
 taken around ``monai.inferers.sliding_window_inference`` (wrapped for the purpose; pacsnode
 exposes no public preprocessing step).
 
+Then the faithfulness table: the Model Zoo ``spleen_ct_segmentation`` configuration
+(``tests/data/model_zoo``, its own UNet with seeded weights) on the same volume by
+pacsnode's fast path (``inference.chain: auto``, which reproduces its transforms) and by
+the bundle's own chain (``inference.chain: bundle``: MONAI runs its preprocessing,
+SupervisedEvaluator and postprocessing with ``Invertd``), beside ``monai.bundle``'s own
+run of the configuration on the DICOM files (ITKReader; its time includes reading the
+files, which pacsnode's paths do not), with how far their label maps agree.
+
 Every measurement runs once as a warm-up and then ``--repeat`` times; the best counts.
 """
 
@@ -70,6 +78,7 @@ from models.bundle import INFERENCE_FILE, METADATA_FILE, WEIGHTS_FILE, read_bund
 from models.network import BUNDLES_DIR, network_model_class, window_batch_size
 from models.registry import get_segmentation_model
 from models.spec import SPEC_FILE, ModelSpec
+from tests import model_zoo
 from tests.dicom_factory import chest_phantom, write_ct_series
 from tests.job_requests import job_request
 from workers.pipeline import run_job
@@ -559,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(describe("unet", unet_settings, unet_agreement, device))
 
         split = best_job(model, series_dir, workdir / "out", device, args.repeat)
+        spleen = spleen_paths(volume, series_dir, workdir, args.repeat)
 
     shape = "x".join(str(n) for n in volume.voxels.shape)
     sys.stdout.write(machine_line(device))
@@ -578,8 +588,54 @@ def main(argv: list[str] | None = None) -> int:
             f"best total of {args.repeat} runs after 1 warm-up",
         )
     )
+    sys.stdout.write(spleen)
     logger.info("Benchmark took %.1f s", time.perf_counter() - started)
     return 0
+
+
+def spleen_paths(volume: Volume, series_dir: Path, workdir: Path, repeat: int) -> str:
+    """Seconds per study for the spleen configuration: fast path, the bundle's own chain,
+    and monai.bundle's own run; a table with the agreement of their label maps."""
+    config = model_zoo.read_config(model_zoo.ZOO / "spleen_ct_segmentation")
+    times: dict[str, float] = {}
+    labels: dict[str, npt.NDArray[np.uint8]] = {}
+    for chain in ("auto", "bundle"):
+        bundle = model_zoo.make_bundle(
+            "spleen_ct_segmentation",
+            workdir / f"spleen-{chain}",
+            config["network_def"],
+            spec=model_zoo.segmentation_spec(2, inference={"chain": chain}),
+        )
+        model_zoo.save_seeded(bundle)
+        model = network_model_class(bundle)()
+        assert isinstance(model, SegmentationModel)
+        name = "fast path" if model.runner.info.chain == "fast" else "bundle's own chain"
+        model.predict(volume)  # warm-up
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            labels[name] = model.predict(volume)
+            best = min(best, time.perf_counter() - start)
+        times[name] = best
+    best = float("inf")
+    for run in range(repeat + 1):
+        start = time.perf_counter()
+        out = model_zoo.monai_reference(bundle, {"image": str(series_dir)}, workdir / f"m{run}")
+        if run:
+            best = min(best, time.perf_counter() - start)
+    reference, _ = model_zoo.saved_labels(out)
+    labels["monai.bundle run"] = reference.transpose(2, 1, 0).astype(np.uint8)
+    times["monai.bundle run"] = best
+    fast = times["fast path"]
+    lines = [
+        "\nspleen_ct_segmentation (Model Zoo config, UNet 16-256, seeded weights), "
+        + f"best of {repeat} after 1 warm-up\n",
+        f"{'path':<22}{'s/study':>9}{'vs fast':>9}{'equal to monai.bundle':>24}\n",
+    ]
+    for name, seconds in times.items():
+        equal = float((labels[name] == labels["monai.bundle run"]).mean())
+        lines.append(f"{name:<22}{seconds:>9.2f}{seconds / fast:>8.2f}x{100 * equal:>23.4f}%\n")
+    return "".join(lines)
 
 
 def describe(network: str, settings: Settings, agreement: float, device: torch.device) -> str:

@@ -14,22 +14,22 @@ names come from ``outputs.pred.channel_def``; their codes and colours from
 ``pacsnode.yaml`` ``labels``. A classifier (``task: classification``) lists its classes
 in ``pacsnode.yaml``, and their number must match the bundle's output channels.
 
-Preprocessing. pacsnode does not run the bundle's own ``preprocessing`` Compose (it
-starts from files via LoadImaged); it reproduces these transforms on the device, taking
+Two ways to run. The fast path reproduces these transforms on the device, taking
 their arguments from ``inference.json`` ``preprocessing#transforms`` unless
 ``pacsnode.yaml`` ``preprocessing`` sets them: ``Orientation(d)`` ``axcodes``,
 ``Spacing(d)`` ``pixdim`` (bilinear, border: the same grid as MONAI's), then
 ``ScaleIntensityRange(d)`` (the window), ``NormalizeIntensity(d)`` (``zscore``) or
 ``ScaleIntensity(d)`` (``minmax``), then ``Resize(d)`` ``spatial_size`` (a classifier's
-``input_size``). Transforms that only load, add a channel or change the type are
-pass-through. Nothing is ignored silently: any other transform, these in another order,
-an argument pacsnode does not reproduce, a ``$`` expression, a postprocessing step other
-than activation, argmax and inversion, or an inferer other than a sliding window is
-refused with the file, the transform and the reason, so the model cannot run with
-results that differ from the bundle's own (running the bundle's own chain is still to
-come). An ``@name`` argument takes the literal value of ``name`` in ``inference.json``.
-The sliding window follows the bundle's ``inferer``: roi, overlap, batch, ``mode``
-(constant or gaussian), ``sigma_scale`` and ``padding_mode``.
+``input_size``); transforms that only load, add a channel or change the type are
+pass-through; the sliding window follows the bundle's ``inferer`` (roi, overlap, batch,
+``mode``, ``sigma_scale``, ``padding_mode``). It is used only where :func:`check_chain`
+finds nothing it does not reproduce: any other transform, these in another order, an
+argument it does not reproduce, a ``$`` expression, postprocessing other than
+activation, argmax and inversion, or another inferer sends the bundle to its own chain
+(:mod:`models.bundle_chain`: MONAI runs the bundle's transforms, inferer and
+postprocessing), and ``pacsnode.yaml`` ``inference.chain`` may ask for either. What
+can run neither way is refused with the file, the transform and the reason. An
+``@name`` argument takes the literal value of ``name`` in ``inference.json``.
 
 Parsing ``network_def`` goes through :class:`monai.bundle.ConfigParser`, which may
 evaluate ``$`` expressions and import ``_target_`` components: a bundle is code, and is
@@ -45,6 +45,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from models.base import LabelSpec
+from models.bundle_chain import chain_problems
 from models.spec import (
     SPEC_FILE,
     ModelSpec,
@@ -186,7 +187,7 @@ def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> N
         if (unlisted := _unlisted(inference, section)) is not None:
             raise ModelSpecError(
                 f"{inference_path}: {section} transforms are {unlisted[:80]}, not a list "
-                "pacsnode can check; it cannot run"
+                "pacsnode's fast path can check"
             )
         for index, transform in enumerate(_transforms(inference, section)):
             name = _transform_name(transform)
@@ -198,8 +199,7 @@ def check_chain(inference: dict[str, Any], inference_path: Path, task: str) -> N
                 allowed = allowed - {"Resize"}
             if name not in allowed:
                 raise ModelSpecError(
-                    f"{where}: pacsnode does not reproduce this transform, so the model's "
-                    "results would differ from the bundle's own; it cannot run"
+                    f"{where}: pacsnode's fast path does not reproduce this transform"
                 )
             if name in _PASS_THROUGH:
                 continue  # their arguments (file names, dtypes) do not change the numbers
@@ -317,9 +317,11 @@ def _preprocessing(
 
 
 def _channel_names(metadata: dict[str, Any]) -> dict[int, str] | None:
-    """``outputs.pred.channel_def`` as {channel: name}; None when absent or malformed."""
+    """``outputs.pred.channel_def`` (or ``label_def``, which some bundles use instead) as
+    {channel: name}; None when absent or malformed."""
     try:
-        channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+        pred = metadata["network_data_format"]["outputs"]["pred"]
+        channel_def = pred["channel_def"] if "channel_def" in pred else pred["label_def"]
         return {int(key): str(value) for key, value in dict(channel_def).items()}
     except (KeyError, TypeError, ValueError):
         return None
@@ -330,8 +332,8 @@ def _labels(
 ) -> tuple[LabelSpec, ...]:
     if channels is None:
         raise ModelSpecError(
-            f"{metadata_path}: field 'network_data_format.outputs.pred.channel_def' is missing "
-            "or not a mapping of channel numbers to names"
+            f"{metadata_path}: field 'network_data_format.outputs.pred.channel_def' (or "
+            "'label_def') is missing or not a mapping of channel numbers to names"
         )
     if sorted(channels) != list(range(len(channels))) or len(channels) < 2:
         raise ModelSpecError(
@@ -413,9 +415,62 @@ def read_bundle(path: Path) -> NetworkInfo:
             f"{path / TORCHSCRIPT_FILE} (TorchScript) is missing"
         )
 
+    meta_name = str(metadata.get("name", path.name))
+    meta_description = str(metadata.get("description", "")).strip()
+    common: dict[str, Any] = {
+        "path": path,
+        "name": path.name,
+        "version": version,
+        "description": spec.description
+        or f"MONAI bundle {meta_name} {version}: {meta_description}",
+        "spec": spec,
+        "labels": labels,
+        "classes": tuple(entry.to_class_spec() for entry in spec.classes),
+        "weights": weights,
+        "state_dict_network": network,
+    }
+    refusal: str | None = None
+    if spec.inference.chain == "bundle":
+        refusal = "pacsnode.yaml asks for the bundle's own chain (inference.chain: bundle)"
+    else:
+        try:
+            check_chain(inference, inference_path, spec.task)
+            fast = _fast_path(spec, inference, inference_path, spec_path)
+        except ModelSpecError as e:
+            if spec.inference.chain == "fast":
+                raise
+            refusal = str(e)
+        else:
+            return NetworkInfo(**common, **fast)
+    if (problem := chain_problems(inference, inference_path)) is not None:
+        raise ModelSpecError(f"{refusal}; and the bundle's own chain cannot run: {problem}")
+    fast_only = [
+        f"preprocessing.{key}" for key in spec.preprocessing.model_dump(exclude_none=True)
+    ] + [
+        f"inference.{key}"
+        for key in ("roi_size", "overlap", "sw_batch_size")
+        if getattr(spec.inference, key) is not None
+    ]
+    if fast_only:
+        raise ModelSpecError(
+            f"{spec_path}: {', '.join(fast_only)} set, but the bundle runs its own chain "
+            f"(because {refusal}), which takes them from {inference_path} only; remove them"
+        )
+    return NetworkInfo(
+        **common,
+        preprocessing=PreprocessingSpec(),
+        chain="bundle",
+        fast_path_refusal=refusal,
+    )
+
+
+def _fast_path(
+    spec: ModelSpec, inference: dict[str, Any], inference_path: Path, spec_path: Path
+) -> dict[str, Any]:
+    """The fast path's settings: preprocessing and sliding window, from ``pacsnode.yaml``
+    completed by the bundle's transforms and inferer."""
     inferer_config = inference.get("inferer")
     inferer: dict[str, Any] = inferer_config if isinstance(inferer_config, dict) else {}
-    check_chain(inference, inference_path, spec.task)
     window = {
         key: _resolve(inference, f"{inference_path}: inferer", key, value)
         for key, value in inferer.items()
@@ -447,23 +502,12 @@ def read_bundle(path: Path) -> NetworkInfo:
     value = window.get("sw_batch_size")
     default_sw_batch_size = value if isinstance(value, int) and value >= 1 else None
 
-    meta_name = str(metadata.get("name", path.name))
-    meta_description = str(metadata.get("description", "")).strip()
-    return NetworkInfo(
-        path=path,
-        name=path.name,
-        version=version,
-        description=spec.description or f"MONAI bundle {meta_name} {version}: {meta_description}",
-        spec=spec,
-        labels=labels,
-        classes=tuple(entry.to_class_spec() for entry in spec.classes),
-        weights=weights,
-        state_dict_network=network,
-        preprocessing=_preprocessing(spec, inference, inference_path, spec_path),
-        roi_size=roi,
-        overlap=overlap,
-        default_sw_batch_size=default_sw_batch_size,
-        window_mode=window.get("mode", "constant"),
-        sigma_scale=float(window.get("sigma_scale", 0.125)),
-        padding_mode=window.get("padding_mode", "constant"),
-    )
+    return {
+        "preprocessing": _preprocessing(spec, inference, inference_path, spec_path),
+        "roi_size": roi,
+        "overlap": overlap,
+        "default_sw_batch_size": default_sw_batch_size,
+        "window_mode": window.get("mode", "constant"),
+        "sigma_scale": float(window.get("sigma_scale", 0.125)),
+        "padding_mode": window.get("padding_mode", "constant"),
+    }

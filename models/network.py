@@ -201,16 +201,23 @@ class NetworkRunner:
         self.net = self._load().to(self.device).eval()
         self.autocast = info.spec.inference.precision == "bf16" and self.device.type == "cuda"
         self.sw_batch_size = window_batch_size(info, self.device.type)
+        self.chain = None
+        if info.chain == "bundle":
+            from models.bundle_chain import BundleChain
+
+            self.chain = BundleChain(info, self.net, self.device)
         # BatchNorm and friends are stateless in eval(), but keep one job at a time per model.
         self.lock = threading.Lock()
         logger.info(
-            "%s %s: %s on %s%s, %d windows per pass",
+            "%s %s: %s on %s%s, %s",
             info.name,
             info.version,
             info.weights,
             self.device,
             " (bf16)" if self.autocast else "",
-            self.sw_batch_size,
+            f"the bundle's own chain ({info.fast_path_refusal})"
+            if self.chain is not None
+            else f"{self.sw_batch_size} windows per pass",
         )
 
     def _load(self) -> torch.nn.Module:
@@ -353,6 +360,8 @@ class NetworkRunner:
         """
         import torch
 
+        if self.chain is not None:
+            return self.chain.segment(volume)
         with self.lock, torch.inference_mode():
             x, grid = self.to_network_input(volume)
             logits = self.sliding_window(x)
@@ -393,6 +402,8 @@ class NetworkRunner:
         import torch
 
         info = self.info
+        if self.chain is not None:
+            return self.chain.classify(volume)
         with self.lock, torch.inference_mode():
             x, _ = self.to_network_input(volume)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
@@ -507,7 +518,8 @@ def network_model_class(path: Path) -> type[NetworkSegmentationModel | NetworkCl
     else:
         spec = info.spec
         attributes.update(
-            model_format=info.model_format,
+            # "bundle (own chain)" where MONAI runs the bundle's transforms (pacsnode models)
+            model_format=info.model_format + (" (own chain)" if info.chain == "bundle" else ""),
             weights_path=info.weights,
             version=info.version,
             queue=spec.queue,

@@ -160,13 +160,17 @@ class InferenceSpec(_Strict):
     ``roi_size``, ``overlap`` (segmentation): the sliding window. ``sw_batch_size``:
     windows per forward pass; left out, 4 on a CPU and 16 on a GPU (a bundle's own
     ``inferer`` value counts as the CPU one). ``precision``: ``bf16`` runs under bf16
-    autocast on a GPU (the CPU always computes in fp32).
+    autocast on a GPU (the CPU always computes in fp32). ``chain`` (bundles): ``auto``
+    runs pacsnode's fast path where it reproduces the bundle's transforms and the
+    bundle's own chain otherwise; ``bundle`` always runs the bundle's own chain;
+    ``fast`` refuses a bundle the fast path does not reproduce.
     """
 
     roi_size: tuple[PositiveInt, PositiveInt, PositiveInt] | None = None
     sw_batch_size: int | None = Field(default=None, ge=1)
     overlap: float | None = Field(default=None, ge=0.0, lt=1.0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    chain: Literal["auto", "bundle", "fast"] = "auto"
 
 
 class ModelSpec(_Strict):
@@ -277,6 +281,10 @@ class NetworkInfo(BaseModel):
     window_mode: Literal["constant", "gaussian"] = "constant"
     sigma_scale: float = 0.125
     padding_mode: Literal["constant", "reflect", "replicate", "circular"] = "constant"
+    #: How a bundle runs: pacsnode's ``fast`` path, or the ``bundle``'s own chain
+    #: (:mod:`models.bundle_chain`); ``fast_path_refusal`` says why not the fast one.
+    chain: Literal["fast", "bundle"] = "fast"
+    fast_path_refusal: str | None = None
 
     @property
     def task(self) -> Literal["segmentation", "classification"]:

@@ -5,6 +5,7 @@ pacsnode does not reproduce."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from models.bundle import INFERENCE_FILE, read_bundle
 from models.network import BUNDLES_DIR, NetworkRunner, spacing_inverse, spacing_resample
@@ -89,71 +91,112 @@ def test_an_at_reference_takes_the_files_literal_value(tmp_path: Path) -> None:
     assert info.preprocessing.axcodes == "RAS"
 
 
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (
-            lambda i: _pre(i).insert(1, {"_target_": "CropForegroundd", "keys": "image"}),
-            r"preprocessing#transforms#1 CropForegroundd: pacsnode does not reproduce",
+#: Bundle changes the fast path does not reproduce, and what its refusal says.
+NOT_REPRODUCED: list[tuple[Any, str]] = [
+    (
+        lambda i: _pre(i).insert(1, {"_target_": "CropForegroundd", "keys": "image"}),
+        r"preprocessing#transforms#1 CropForegroundd: pacsnode's fast path does not",
+    ),
+    (
+        lambda i: i["postprocessing"]["transforms"].append(
+            {"_target_": "KeepLargestConnectedComponentd", "keys": "pred"}
         ),
-        (
-            lambda i: i["postprocessing"]["transforms"].append(
-                {"_target_": "KeepLargestConnectedComponentd", "keys": "pred"}
-            ),
-            r"postprocessing#transforms#1 KeepLargestConnectedComponentd: pacsnode does not",
+        r"postprocessing#transforms#1 KeepLargestConnectedComponentd: pacsnode's fast path does not",
+    ),
+    (
+        lambda i: _pre(i).insert(
+            1, {"_target_": "Spacingd", "keys": "image", "pixdim": "$[1.0, 1.0, 1.0]"}
         ),
-        (
-            lambda i: _pre(i).insert(
-                1, {"_target_": "Spacingd", "keys": "image", "pixdim": "$[1.0, 1.0, 1.0]"}
-            ),
-            r"argument 'pixdim' is the expression '\$\[1\.0, 1\.0, 1\.0\]'",
+        r"argument 'pixdim' is the expression '\$\[1\.0, 1\.0, 1\.0\]'",
+    ),
+    (
+        lambda i: _pre(i).append(
+            {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.0]}
         ),
-        (
-            lambda i: _pre(i).append(
-                {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.0]}
-            ),
-            r"#3 Spacingd: comes after ScaleIntensityRange",
+        r"#3 Spacingd: comes after ScaleIntensityRange",
+    ),
+    (
+        lambda i: _pre(i).insert(
+            1, {"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 1], "mode": "nearest"}
         ),
-        (
-            lambda i: _pre(i).insert(
-                1, {"_target_": "Spacingd", "keys": "image", "pixdim": [1, 1, 1], "mode": "nearest"}
-            ),
-            r"mode='nearest' is not reproduced \(pacsnode uses 'bilinear'\)",
+        r"mode='nearest' is not reproduced \(pacsnode uses 'bilinear'\)",
+    ),
+    (
+        lambda i: i["inferer"].update({"_target_": "SliceInferer"}),
+        r"inferer SliceInferer is not reproduced",
+    ),
+    (
+        lambda i: _pre(i).insert(
+            1, {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.0]}
         ),
-        (
-            lambda i: i["inferer"].update({"_target_": "SliceInferer"}),
-            r"inferer SliceInferer is not reproduced",
+        r"#1 Spacingd: Spacing without an Orientation before it",
+    ),
+    (
+        lambda i: _pre(i).insert(
+            2, {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 1}
         ),
-        (
-            lambda i: _pre(i).insert(
-                1, {"_target_": "Spacingd", "keys": "image", "pixdim": [1.0, 1.0, 1.0]}
-            ),
-            r"#1 Spacingd: Spacing without an Orientation before it",
-        ),
-        (
-            lambda i: i["preprocessing"].update(transforms="$@preprocessing_transforms"),
-            r"preprocessing transforms are '\$@preprocessing_transforms', not a list",
-        ),
-        (
-            lambda i: _pre(i).insert(
-                2, {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": 0, "a_max": 1}
-            ),
-            r"#2 ScaleIntensityRanged: a second intensity",
-        ),
-        (
-            lambda i: i["inferer"].update(overlap=[0.5, 0.5, 0.5]),
-            r"inferer overlap=\[0\.5, 0\.5, 0\.5\] is not reproduced",
-        ),
-        (
-            lambda i: _pre(i).append({"_target_": "Resized", "keys": "image", "spatial_size": [9]}),
-            r"#3 Resized: pacsnode does not reproduce",
-        ),
-    ],
-)
+        r"#2 ScaleIntensityRanged: a second intensity",
+    ),
+    (
+        lambda i: i["inferer"].update(overlap=[0.5, 0.5, 0.5]),
+        r"inferer overlap=\[0\.5, 0\.5, 0\.5\] is not reproduced",
+    ),
+    (
+        lambda i: _pre(i).append({"_target_": "Resized", "keys": "image", "spatial_size": [9]}),
+        r"#3 Resized: pacsnode's fast path does not",
+    ),
+    (
+        lambda i: i["preprocessing"].update(transforms="$@preprocessing_transforms"),
+        r"preprocessing transforms are '\$@preprocessing_transforms', not a list",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), NOT_REPRODUCED)
 def test_what_is_not_reproduced_is_refused_by_name(
     tmp_path: Path, change: Any, message: str
 ) -> None:
+    """Without an evaluator the bundle's own chain cannot run either: refused, naming
+    what the fast path does not reproduce and why the chain cannot run."""
     folder = _bundle(tmp_path, change)
     with pytest.raises(ModelSpecError, match=message) as caught:
         read_bundle(folder)
     assert str(folder / INFERENCE_FILE) in str(caught.value)
+    assert "the bundle's own chain cannot run" in str(caught.value)
+
+
+@pytest.mark.parametrize(("change", "message"), NOT_REPRODUCED[:-1])
+def test_what_is_not_reproduced_runs_the_bundles_own_chain(
+    tmp_path: Path, change: Any, message: str
+) -> None:
+    """With a SupervisedEvaluator the same bundles run their own chain, and say why."""
+
+    def with_evaluator(inference: dict[str, Any]) -> None:
+        _pre(inference)[0] = {"_target_": "LoadImaged", "keys": "image",
+                              "ensure_channel_first": True}  # fmt: skip
+        change(inference)
+        inference["evaluator"] = {"_target_": "SupervisedEvaluator", "device": "@device",
+                                  "val_data_loader": "@dataloader", "network": "@network",
+                                  "inferer": "@inferer", "postprocessing": "@postprocessing"}  # fmt: skip
+
+    folder = _bundle(tmp_path, with_evaluator)
+    spec = yaml.safe_load((folder / "pacsnode.yaml").read_text())
+    with pytest.raises(ModelSpecError, match=r"preprocessing\.intensity, inference\.roi_size, "
+                       r"inference\.overlap set, but the bundle runs its own chain"):  # fmt: skip
+        read_bundle(folder)  # the fast path's settings would be ignored
+    del spec["preprocessing"], spec["inference"]
+    (folder / "pacsnode.yaml").write_text(yaml.safe_dump(spec))
+    info = read_bundle(folder)
+    assert info.chain == "bundle"
+    assert re.search(message, info.fast_path_refusal or "")
+
+
+def test_fast_only_refuses_what_the_fast_path_does_not_reproduce(tmp_path: Path) -> None:
+    folder = _bundle(tmp_path, NOT_REPRODUCED[0][0])
+    spec = folder / "pacsnode.yaml"
+    spec.write_text(
+        spec.read_text().replace("  precision: fp32", "  precision: fp32\n  chain: fast")
+    )
+    with pytest.raises(ModelSpecError, match=NOT_REPRODUCED[0][1]) as caught:
+        read_bundle(folder)
+    assert "own chain" not in str(caught.value)
