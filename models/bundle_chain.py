@@ -44,6 +44,7 @@ __all__ = [
     "IN_MEMORY",
     "BundleChain",
     "VolumeReader",
+    "build_problem",
     "chain_problems",
     "itk_layout",
     "load_transform_index",
@@ -314,6 +315,20 @@ class BundleChain:
             else:
                 scores = torch.sigmoid(scores)
         return tuple(float(p) for p in scores)
+
+
+def build_problem(info: NetworkInfo) -> str | None:
+    """Why the bundle's own chain cannot be built here, or None: every transform, the
+    inferer and the evaluator are made by MONAI as a worker would (a ``_target_`` that
+    does not import, an argument its class does not take), around a stand-in network
+    so that no weights are loaded. For ``pacsnode check-config``."""
+    import torch
+
+    try:
+        BundleChain(info, torch.nn.Identity(), torch.device("cpu"))
+    except ModelSpecError as e:
+        return str(e)
+    return None
 
 
 def _single_key(keys: Any) -> str:

@@ -454,6 +454,20 @@ class _NetworkModel:
             return str(e)
         return None
 
+    @classmethod
+    def runtime_problem(cls) -> str | None:
+        """What :meth:`missing_requirements` cannot see without MONAI: for a bundle that
+        runs its own chain, whether that chain builds (``pacsnode check-config``)."""
+        try:
+            info = read_network(cls.model_dir)
+        except ModelSpecError as e:
+            return str(e)
+        if info.chain != "bundle":
+            return None
+        from models.bundle_chain import build_problem
+
+        return build_problem(info)
+
     def __init__(self) -> None:
         self._runner = NetworkRunner(read_network(self.model_dir))
 

@@ -103,9 +103,9 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args.file)
     if config is None:
         return EXIT_BAD_CONFIG
-    from node.config import folder_problems
+    from node.config import bundle_build_problems, folder_problems
 
-    problems = folder_problems(config)
+    problems = folder_problems(config) + bundle_build_problems(config)
     if problems:
         sys.stderr.write(f"{args.file}: invalid configuration\n")
         for problem in problems:
@@ -173,9 +173,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     except KeyError as exc:
         sys.stderr.write(f"cannot evaluate: {exc.args[0]}\n")
         return EXIT_FAILED
-    db = _read_state(config)
-    if db is None:
-        return EXIT_FAILED
+    db = None
+    if args.dicom is None:
+        db = _read_state(config)
+        if db is None:
+            return EXIT_FAILED
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         if task == "segmentation":
@@ -183,7 +185,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"{args.model} segments: give --reference (SEG or NIfTI)\n")
                 return EXIT_FAILED
             scores, problems = evaluate.evaluate_segmentation(
-                db, args.model, args.reference, args.map
+                args.model, args.reference, args.map, db=db, dicom=args.dicom
             )
             _out(f"{'CASE':<24}  {'LABEL':<16}  {'DICE':>6}  {'HD95 MM':>8}  "
                  f"{'ML':>9}  {'REF ML':>9}  {'DIFF ML':>8}")  # fmt: skip
@@ -216,7 +218,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"{args.model} classifies: give --labels (a CSV)\n")
                 return EXIT_FAILED
             results, curves, problems = evaluate.evaluate_classification(
-                db, args.model, args.labels
+                args.model, args.labels, db=db, dicom=args.dicom
             )
             rows = []
             for result in results:
@@ -245,7 +247,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         sys.stderr.write(f"cannot evaluate: {exc}\n")
         return EXIT_FAILED
     finally:
-        db.close()
+        if db is not None:
+            db.close()
     evaluate.write_csv(args.out / "evaluation.csv", rows)
     for problem in problems:
         sys.stderr.write(f"not scored: {problem}\n")
@@ -462,6 +465,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--labels", type=Path, help="classification: CSV with key,class,truth (1 or 0)"
+    )
+    evaluate.add_argument(
+        "--dicom",
+        type=Path,
+        help="run the model here on the DICOM files under this folder instead of scoring "
+        "its results in the data folder",
     )
     evaluate.add_argument(
         "--out", type=Path, default=Path("evaluation"), help="folder for the CSV and PNG"

@@ -360,6 +360,21 @@ def folder_problems(config: Config) -> list[str]:
     return problems
 
 
+def bundle_build_problems(config: Config) -> list[str]:
+    """Bundles running their own chain whose transforms, inferer or evaluator MONAI
+    cannot build (imports MONAI, so only ``pacsnode check-config`` asks)."""
+    from models.registry import model_entries
+
+    used = {model for rule in config.rules for model in rule.models}
+    problems = []
+    for entry in model_entries():
+        check = getattr(entry.cls, "runtime_problem", None)
+        if entry.problem is None and check is not None and (problem := check()) is not None:
+            used_by = " (named by a rule)" if entry.cls.name in used else ""
+            problems.append(f"models_dir: model {entry.cls.name!r}{used_by}: {problem}")
+    return problems
+
+
 class ConfigError(Exception):
     """config.yaml is unreadable or invalid; ``errors`` holds one line per problem."""
 

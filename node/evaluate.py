@@ -9,22 +9,29 @@ for per-image models, image) with a reference label in a CSV, the probability th
 reported, giving AUC, and sensitivity and specificity at the model's threshold
 (scikit-learn), each with a bootstrap 95 % interval.
 
-Only the state DB (read-only) and result files are read; nothing runs or is sent.
+Either the data folder's results are scored (the state DB is opened read-only; nothing
+runs or is sent), or, with a folder of DICOM files, the model runs here on each study:
+the series it takes are chosen as routing would (the model's ``accepts``, the best fit
+of a study's series), and its label maps or probabilities are scored directly, so a
+model can be measured on local data before it ever sees a live study.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
 from node.state import Job, StateDB
+
+if TYPE_CHECKING:
+    from workers.series import LoadedSeries
 
 __all__ = [
     "ClassificationScore",
@@ -32,6 +39,7 @@ __all__ = [
     "Interval",
     "LabelScore",
     "classification_score",
+    "dicom_studies",
     "evaluate_classification",
     "evaluate_segmentation",
     "latest_results",
@@ -282,10 +290,104 @@ def _study_map(path: Path | None) -> dict[str, str]:
         return {Path(row["file"]).name: row["study_instance_uid"] for row in csv.DictReader(fh)}
 
 
+def dicom_studies(folder: Path, model: str) -> tuple[dict[str, list[list[Path]]], list[str]]:
+    """Study Instance UID -> the series under ``folder`` that ``model`` takes (files of
+    each), chosen as routing chooses them; and one line per study it takes none of."""
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from node.config import Rule
+    from node.routing import candidate_from_paths, plan_study
+
+    files: dict[str, dict[str, list[Path]]] = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            header = dcmread(path, stop_before_pixels=True)
+            study_uid, series_uid = str(header.StudyInstanceUID), str(header.SeriesInstanceUID)
+        except (InvalidDicomError, AttributeError, OSError, ValueError, EOFError):
+            continue  # not a DICOM image: a README, a NIfTI reference, ...
+        files.setdefault(study_uid, {}).setdefault(series_uid, []).append(path)
+    rule = Rule(name="evaluate", models=[model])
+    chosen: dict[str, list[list[Path]]] = {}
+    problems: list[str] = []
+    for study, series in sorted(files.items()):
+        candidates = [candidate_from_paths(uid, paths) for uid, paths in series.items()]
+        plans = plan_study(candidates, [rule])
+        taken = [
+            series[uid]
+            for uid, plan in plans.items()
+            if any(job.model == model and job.skipped_reason is None for job in plan.jobs)
+        ]
+        if taken:
+            chosen[study] = taken
+        else:
+            reasons = {
+                reason
+                for plan in plans.values()
+                for reason in [plan.ignored_reason, *(j.skipped_reason for j in plan.jobs)]
+                if reason
+            }
+            problems.append(f"{folder}: study {study}: {model} takes none of its series "
+                            f"({'; '.join(sorted(reasons))})")  # fmt: skip
+    return chosen, problems
+
+
+def _predictions_from_results(
+    db: StateDB, model: str
+) -> Callable[[str], tuple[LoadedSeries, npt.NDArray[Any], dict[str, int]]]:
+    """For a study: its series, the model's latest SEG on it (segment numbers) and
+    label name -> segment number."""
+    from workers.render import read_seg
+    from workers.series import load_series
+
+    results = latest_results(db, model)
+
+    def predict(study: str) -> tuple[LoadedSeries, npt.NDArray[Any], dict[str, int]]:
+        job = results.get(study)
+        if job is None or job.result is None:
+            raise EvaluationError(f"no results of {model} for study {study}")
+        segs = [f for f in job.result.files if f.name.startswith("seg-")]
+        if not segs:
+            raise EvaluationError(f"job {job.id} wrote no SEG")
+        series = load_series(job.source_paths)
+        predicted, segments = read_seg(Path(segs[0].path), series)
+        return series, predicted, {i.label.name: i.segment_number for i in segments}
+
+    return predict
+
+
+def _predictions_by_running(
+    folder: Path, model: str, problems: list[str]
+) -> Callable[[str], tuple[LoadedSeries, npt.NDArray[Any], dict[str, int]]]:
+    """For a study under ``folder``: the series the model takes, its label map from
+    running the model here, and label name -> value."""
+    from models.registry import get_segmentation_model
+    from workers.series import load_series
+
+    studies, skipped = dicom_studies(folder, model)
+    problems.extend(skipped)
+    segmenter = get_segmentation_model(model)
+
+    def predict(study: str) -> tuple[LoadedSeries, npt.NDArray[Any], dict[str, int]]:
+        if study not in studies:
+            raise EvaluationError(f"no series of study {study} under {folder} for {model}")
+        series = load_series(studies[study][0])
+        labels = segmenter.predict(series.volume)
+        return series, labels, {spec.name: spec.value for spec in segmenter.labels}
+
+    return predict
+
+
 def evaluate_segmentation(
-    db: StateDB, model: str, reference: Path, study_map: Path | None = None
+    model: str,
+    reference: Path,
+    study_map: Path | None = None,
+    *,
+    db: StateDB | None = None,
+    dicom: Path | None = None,
 ) -> tuple[list[LabelScore], list[str]]:
-    """Score the model's latest results against every reference under ``reference``.
+    """Score the model against every reference under ``reference``: its latest results
+    in ``db``, or its output when run here on the DICOM files under ``dicom``.
 
     A DICOM SEG names its study and its segments (matched to the model's labels by
     name); a NIfTI label image holds the model's label values and is matched to a study
@@ -296,31 +398,27 @@ def evaluate_segmentation(
 
     from models.registry import get_model_class
     from workers.render import read_seg
-    from workers.series import load_series
 
     cls = get_model_class(model)
     model_labels = {spec.name: spec.value for spec in getattr(cls, "labels", ())}
-    results = latest_results(db, model)
+    problems: list[str] = []
+    if dicom is not None:
+        predict = _predictions_by_running(dicom, model, problems)
+    elif db is not None:
+        predict = _predictions_from_results(db, model)
+    else:
+        raise ValueError("give the state DB or a folder of DICOM files")
     names = _study_map(study_map)
     scores: list[LabelScore] = []
-    problems: list[str] = []
     for path in _reference_files(reference):
+        if dicom is not None and path.is_relative_to(dicom) and path.name.endswith(".dcm"):
+            continue  # the images themselves, when the references sit beside them
         try:
             if path.name.endswith(".dcm"):
                 study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
             else:
                 study = names.get(path.name) or path.name.removesuffix(".gz").removesuffix(".nii")
-            job = results.get(study)
-            if job is None or job.result is None:
-                problems.append(f"{path}: no results of {model} for study {study}")
-                continue
-            segs = [f for f in job.result.files if f.name.startswith("seg-")]
-            if not segs:
-                problems.append(f"{path}: job {job.id} wrote no SEG")
-                continue
-            series = load_series(job.source_paths)
-            predicted, segments = read_seg(Path(segs[0].path), series)
-            by_name = {info.label.name: info.segment_number for info in segments}
+            series, predicted, by_name = predict(study)
             if path.name.endswith(".dcm"):
                 expected, reference_segments = read_seg(path, series)
                 reference_values = {i.label.name: i.segment_number for i in reference_segments}
@@ -341,10 +439,55 @@ def evaluate_segmentation(
     return scores, problems
 
 
+def _reported_probabilities(db: StateDB, model: str) -> dict[tuple[str, str], float]:
+    """(study or SOP Instance UID, class) -> the probability the model's latest job
+    reported."""
+    reported: dict[tuple[str, str], float] = {}
+    for study, job in latest_results(db, model).items():
+        assert job.result is not None
+        for finding in job.result.findings:
+            name, probability = str(finding["name"]), float(finding["probability"])
+            reported.setdefault((study, name), probability)
+            for uid in finding.get("sop_instance_uids", []):
+                reported[(str(uid), name)] = probability
+    return reported
+
+
+def _probabilities_by_running(
+    folder: Path, model: str, problems: list[str]
+) -> dict[tuple[str, str], float]:
+    """(study, or SOP Instance UID for per-image models, class) -> probability, from
+    running the model here on the DICOM files under ``folder``."""
+    from models.base import ClassificationModel, InputKindValues
+    from models.registry import get_model
+    from workers.series import load_images, load_series
+
+    classifier = get_model(model)
+    if not isinstance(classifier, ClassificationModel):
+        raise EvaluationError(f"model {model!r} does not classify")
+    studies, skipped = dicom_studies(folder, model)
+    problems.extend(skipped)
+    reported: dict[tuple[str, str], float] = {}
+    for study, series_files in studies.items():
+        for files in series_files:
+            if classifier.input_kind == InputKindValues.IMAGE:
+                for image in load_images(files):
+                    sop = str(image.datasets[0].SOPInstanceUID)
+                    for spec, p in zip(classifier.classes, classifier.predict(image.volume),
+                                       strict=True):  # fmt: skip
+                        reported[(sop, spec.name)] = p
+            else:
+                volume = load_series(files).volume
+                for spec, p in zip(classifier.classes, classifier.predict(volume), strict=True):
+                    reported[(study, spec.name)] = p
+    return reported
+
+
 def evaluate_classification(
-    db: StateDB, model: str, labels_csv: Path
+    model: str, labels_csv: Path, *, db: StateDB | None = None, dicom: Path | None = None
 ) -> tuple[list[ClassificationScore], list[tuple[str, list[int], list[float]]], list[str]]:
-    """Score the model's reported probabilities against a CSV of reference labels.
+    """Score the model's probabilities against a CSV of reference labels: those its
+    latest jobs in ``db`` reported, or those it gives when run here on ``dicom``.
 
     The CSV has columns ``key`` (a Study Instance UID, or for per-image models a SOP
     Instance UID), ``class`` (the model's class name) and ``truth`` (1 present, 0
@@ -354,16 +497,14 @@ def evaluate_classification(
     from models.registry import get_model_class
 
     threshold = float(getattr(get_model_class(model), "threshold", 0.5))
-    reported: dict[tuple[str, str], float] = {}
-    for study, job in latest_results(db, model).items():
-        assert job.result is not None
-        for finding in job.result.findings:
-            name, probability = str(finding["name"]), float(finding["probability"])
-            reported.setdefault((study, name), probability)
-            for uid in finding.get("sop_instance_uids", []):
-                reported[(str(uid), name)] = probability
+    problems: list[str] = []
+    if dicom is not None:
+        reported = _probabilities_by_running(dicom, model, problems)
+    elif db is not None:
+        reported = _reported_probabilities(db, model)
+    else:
+        raise ValueError("give the state DB or a folder of DICOM files")
     by_class: dict[str, tuple[list[int], list[float]]] = {}
-    problems = []
     with labels_csv.open(newline="") as fh:
         for row in csv.DictReader(fh):
             key, name = row["key"].strip(), row["class"].strip()

@@ -18,6 +18,7 @@ import yaml
 from pydicom import dcmread
 from scipy import ndimage
 
+from models.base import ClassificationModel
 from models.ct_tissue import CtTissueModel
 from node.evaluate import (
     EvaluationError,
@@ -26,7 +27,7 @@ from node.evaluate import (
     segmentation_scores,
 )
 from node.state import PlannedJob, StateDB
-from tests.dicom_factory import chest_phantom, write_ct_series
+from tests.dicom_factory import chest_phantom, demo_radiographs, write_ct_series, write_radiographs
 from workers.contract import JobOutcome, JobRequest, file_digest
 from workers.pipeline import run_job
 from workers.series import load_series
@@ -112,7 +113,7 @@ def test_classification_reads_the_reported_probabilities(tmp_path: Path) -> None
         + "".join(f"{key},Nodule,{value}\n" for key, value in truth.items())
         + "9.9.9,Nodule,1\n"
     )
-    (score,), curves, problems = evaluate_classification(db, "xr-nodule-demo", labels)
+    (score,), curves, problems = evaluate_classification("xr-nodule-demo", labels, db=db)
     assert (score.auc.value, score.sensitivity.value, score.specificity.value) == (1.0, 1.0, 1.0)
     assert curves == [("Nodule", [0, 1, 1, 0], [0.2, 0.9, 0.6, 0.1])]
     assert problems == [f"{labels}: no result of xr-nodule-demo for Nodule on 9.9.9"]
@@ -160,7 +161,7 @@ def test_evaluate_three_studies_against_shifted_references(tmp_path: Path) -> No
     expected: dict[tuple[str, str], tuple[float, float]] = {}
     for shift in (0, 1, 2):
         phantom = chest_phantom((12, 64, 64), (5.0, 3.0, 3.0))
-        folder = tmp_path / f"ct{shift}"
+        folder = tmp_path / "studies" / f"ct{shift}"
         write_ct_series(phantom.hu, folder, spacing_mm=phantom.spacing_mm, patient_id=f"E{shift}")
         study, _ = _ran(db, folder, data_dir)
         volume = load_series(sorted(folder.glob("*.dcm"))).volume
@@ -181,21 +182,66 @@ def test_evaluate_three_studies_against_shifted_references(tmp_path: Path) -> No
             expected[(study, spec.name)] = (_dice(p, r), _hd95(p, r, volume.spacing_mm))
     db.close()
 
-    out = tmp_path / "out"
-    run = subprocess.run(
-        [str(PACSNODE), "evaluate", "--config", str(config), "--model", "ct-tissue",
-         "--reference", str(references), "--out", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    with (out / "evaluation.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == len(expected) == 9
-    for row in rows:
-        dice, hd95 = expected[(row["study_instance_uid"], row["label"])]
-        assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
-        assert float(row["hd95_mm"]) == pytest.approx(hd95, abs=1e-3)
-    unshifted = [r for r in rows if float(r["volume_difference_ml"]) == 0 and float(r["dice"]) == 1]
-    assert len(unshifted) >= 3  # the study whose reference is its own result
-    assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "Soft tissue: mean Dice" in run.stdout
+    # A localizer in one study: not a series ct-tissue takes (too few slices), so the
+    # run on the folder picks the CT as routing would.
+    first_study = dcmread(next((tmp_path / "studies" / "ct0").glob("*.dcm")))
+    write_ct_series(
+        np.full((1, 64, 64), -1000, dtype=np.int16),
+        tmp_path / "studies" / "loc",
+        spacing_mm=(5.0, 3.0, 3.0),
+        patient_id="E0",
+        series_number=9,
+        study_instance_uid=str(first_study.StudyInstanceUID),
+    )
+
+    # From the data folder's results, and by running the model here on the DICOM files.
+    for source in ([], ["--dicom", str(tmp_path / "studies")]):
+        out = tmp_path / ("out-run" if source else "out")
+        run = subprocess.run(
+            [str(PACSNODE), "evaluate", "--config", str(config), "--model", "ct-tissue",
+             "--reference", str(references), "--out", str(out), *source],
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        with (out / "evaluation.csv").open() as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == len(expected) == 9
+        for row in rows:
+            dice, hd95 = expected[(row["study_instance_uid"], row["label"])]
+            assert float(row["dice"]) == pytest.approx(dice, abs=1e-6)
+            assert float(row["hd95_mm"]) == pytest.approx(hd95, abs=1e-3)
+        unshifted = [
+            r for r in rows if float(r["volume_difference_ml"]) == 0 and float(r["dice"]) == 1
+        ]
+        assert len(unshifted) >= 3  # the study whose reference is its own result
+        assert (out / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "Soft tissue: mean Dice" in run.stdout
+
+
+def test_classifier_run_on_a_folder_of_radiographs(tmp_path: Path) -> None:
+    """Without a data folder: each image of the folder is classified here, keyed by its
+    SOP Instance UID, and scored against the CSV."""
+    from models.registry import get_model
+    from workers.series import load_images
+
+    truth = [True, False, True, False, True, False]
+    files = write_radiographs(demo_radiographs(truth, seed=4242), tmp_path / "dx")
+    model = get_model("xr-nodule-demo")
+    assert isinstance(model, ClassificationModel)
+    expected = {}
+    for image in load_images(files):
+        (probability,) = model.predict(image.volume)
+        expected[str(image.datasets[0].SOPInstanceUID)] = probability
+    keys = list(expected)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "key,class,truth\n"
+        + "".join(f"{k},Nodule,{int(t)}\n" for k, t in zip(keys, truth, strict=True))
+    )
+    (score,), curves, problems = evaluate_classification(
+        "xr-nodule-demo", labels, dicom=tmp_path / "dx"
+    )
+    assert problems == []
+    assert curves == [("Nodule", [int(t) for t in truth], [expected[k] for k in keys])]
+    assert score.cases == 6
+    assert score.positives == 3

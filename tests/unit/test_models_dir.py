@@ -4,6 +4,7 @@ named in every result by the exact weights."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,8 @@ from pydicom import Dataset, dcmread
 
 from models import registry
 from models.network import BUNDLES_DIR
-from node.config import ConfigError, folder_problems, load_config
+from node.config import ConfigError, bundle_build_problems, folder_problems, load_config
+from tests import model_zoo as zoo
 from tests.dicom_factory import chest_phantom, write_ct_series
 from tests.job_requests import job_request
 from workers.pipeline import run_job
@@ -152,3 +154,33 @@ def test_pacsnode_models_lists_every_model(tmp_path: Path) -> None:
     assert rows["ct-tissue"][:5] == ["ct-tissue", "1.0.0", "python", "segmentation", "cpu"]
     assert rows["ct-tissue"][-4:] == ["-", "built", "in", "(models.ct_tissue)"]
     assert set(rows) == {"ct-tissue", "mr-brain-mask", "ct-bone-demo", "xr-nodule-demo", "site-xr"}
+
+
+def test_check_config_builds_each_bundles_own_chain(tmp_path: Path) -> None:
+    """A transform MONAI cannot make (a typo in ``_target_``) fails check-config by name,
+    before a worker would fail every job of that model."""
+    config_path = _config(tmp_path)
+    for name in ("pediatric", "pediatric-typo"):
+        folder = zoo.make_bundle(
+            "pediatric_abdominal_ct_segmentation",
+            tmp_path / "site-models" / name,
+            zoo.small_network(3, 1, 4),
+            spec=zoo.segmentation_spec(4),
+        )
+        zoo.save_seeded(folder)
+    inference_path = tmp_path / "site-models" / "pediatric-typo" / "configs" / "inference.json"
+    inference = json.loads(inference_path.read_text())
+    inference["preprocessing"]["transforms"][5]["_target_"] = "CropForegroundz"
+    inference_path.write_text(json.dumps(inference))
+    config = load_config(config_path)
+    assert folder_problems(config) == []  # what can be seen without MONAI is fine
+    problems = bundle_build_problems(config)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith("models_dir: model 'pediatric-typo': ")
+    assert "CropForegroundz" in problems[0]
+    check = subprocess.run(
+        [str(PACSNODE), "check-config", str(config_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert check.returncode == 2
+    assert "CropForegroundz" in check.stderr
