@@ -22,9 +22,7 @@ same grid.
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import sys
 import threading
 from collections.abc import Sequence
@@ -50,12 +48,9 @@ __all__ = [
     "load_transform_index",
 ]
 
-logger = logging.getLogger(__name__)
-
 #: The "file name" the one dataset item carries; :class:`VolumeReader` accepts only it.
 IN_MEMORY = "pacsnode-in-memory-series"
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 #: Postprocessing steps that write files: pacsnode writes DICOM instead.
 _WRITERS = frozenset({"SaveImage", "SaveImaged"})
 
@@ -79,7 +74,7 @@ def chain_problems(inference: dict[str, Any], inference_path: Path) -> str | Non
     """Why the bundle's own chain cannot run on an in-memory series, or None.
 
     Checked without importing MONAI: the structure pacsnode relies on. Whether every
-    ``_target_`` imports is found when the worker loads the model.
+    part builds is :func:`build_problem`'s question (``pacsnode check-config``).
     """
     for section in ("preprocessing", "postprocessing"):
         config = inference.get(section)
@@ -189,7 +184,7 @@ class BundleChain:
         self.reader = _reader_class()()
         self.reader.channels = _input_channels(info.path)
         self.reader.image = info.spec.input == InputKindValues.IMAGE
-        config = copy.deepcopy(inference)
+        config = inference  # read for this chain alone: changed in place
         load = load_transform_index(config)
         assert load is not None  # chain_problems checked it
         config["preprocessing"]["transforms"][load]["reader"] = "$__pacsnode_reader"
@@ -254,7 +249,10 @@ class BundleChain:
                 self.evaluator.run()
             finally:
                 self.reader.volume = None
-            output = self.evaluator.state.output
+            state = self.evaluator.state
+            output = state.output
+            # Keep no tensors of this series alive until the next job.
+            state.output = state.batch = None
             if not isinstance(output, list) or len(output) != 1 or "pred" not in output[0]:
                 raise ModelError(
                     f"{self.info.name}: the bundle's evaluator gave no 'pred' for the series"

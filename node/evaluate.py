@@ -411,11 +411,12 @@ def evaluate_segmentation(
     names = _study_map(study_map)
     scores: list[LabelScore] = []
     for path in _reference_files(reference):
-        if dicom is not None and path.is_relative_to(dicom) and path.name.endswith(".dcm"):
-            continue  # the images themselves, when the references sit beside them
         try:
             if path.name.endswith(".dcm"):
-                study = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+                header = dcmread(path, stop_before_pixels=True)
+                if header.get("Modality") != "SEG":
+                    continue  # an image, e.g. when the references sit beside the studies
+                study = str(header.StudyInstanceUID)
             else:
                 study = names.get(path.name) or path.name.removesuffix(".gz").removesuffix(".nii")
             series, predicted, by_name = predict(study)

@@ -3,7 +3,9 @@
 #   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=540)
 # after scripts/gpu-wheels.sh here. Prints the GPU, checks that the bundle path gives the
 # same labels on CUDA (bf16 too) as on the CPU, and runs benchmarks/inference.py on a
-# 320-slice volume; copies of the figures land in $OUT.
+# 320-slice volume (its last table: the spleen Model Zoo config by the fast path and by
+# the bundle's own chain on CUDA, against monai.bundle's own run); copies of the figures
+# land in $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then

@@ -11,5 +11,6 @@ python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3
     --platform manylinux2014_x86_64 -d .whl \
     monai==1.6.1 nibabel==5.4.2 pydicom==3.0.2 highdicom==0.28.2 \
     pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection==0.4.5 \
-    pylibjpeg==2.1.0 pylibjpeg-openjpeg pylibjpeg-libjpeg typing-extensions
+    pylibjpeg==2.1.0 pylibjpeg-openjpeg pylibjpeg-libjpeg typing-extensions \
+    pytorch-ignite==0.5.5  # a bundle's own chain runs its SupervisedEvaluator
 du -sh .whl

@@ -23,6 +23,8 @@ from tests import model_zoo as zoo
 from tests.dicom_factory import chest_phantom, write_ct_series
 from tests.job_requests import job_request
 from workers.pipeline import run_job
+from workers.render import read_seg
+from workers.series import load_series
 
 PACSNODE = Path(sys.executable).parent / "pacsnode"
 
@@ -184,3 +186,20 @@ def test_check_config_builds_each_bundles_own_chain(tmp_path: Path) -> None:
     )  # fmt: skip
     assert check.returncode == 2
     assert "CropForegroundz" in check.stderr
+
+    # The sound one runs as a worker runs it: its SEG holds the chain's labels.
+    phantom = chest_phantom((16, 64, 64), (5.0, 3.0, 3.0))
+    write_ct_series(phantom.hu, tmp_path / "ct", spacing_mm=phantom.spacing_mm)
+    outcome = run_job(job_request(tmp_path / "ct", "pediatric", tmp_path / "out"))
+    assert outcome.status == "ok", outcome.reason
+    model = registry.get_segmentation_model("pediatric")
+    series = load_series(sorted((tmp_path / "ct").glob("*.dcm")))
+    expected = model.predict(series.volume)
+    seg_path = next(f.path for f in outcome.files if f.name == "seg-binary.dcm")
+    written, segments = read_seg(Path(seg_path), series)
+    assert {info.label.name for info in segments} <= {"Class 1", "Class 2", "Class 3"}
+    for info in segments:
+        assert ((written == info.segment_number) == (expected == info.label.value)).all()
+    assert sum(int((written == i.segment_number).sum()) for i in segments) == int(
+        (expected > 0).sum()
+    )
