@@ -16,7 +16,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -260,6 +260,11 @@ class Model(abc.ABC):
 
     #: How the model is packaged: ``python`` (a class), ``bundle``, ``torchscript``.
     model_format: ClassVar[str] = "python"
+    #: A multi-series model's inputs, in channel order, each with its match on series
+    #: attributes (rules' syntax), and the input whose grid the others are resampled to
+    #: and the results refer to. Empty for a model of one series.
+    inputs: ClassVar[dict[str, dict[str, Any]]] = {}
+    reference_input: ClassVar[str | None] = None
 
     @classmethod
     def missing_requirements(cls) -> str | None:

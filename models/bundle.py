@@ -327,9 +327,33 @@ def _channel_names(metadata: dict[str, Any]) -> dict[int, str] | None:
         return None
 
 
+def _declared_labels(spec: ModelSpec, spec_path: Path) -> tuple[LabelSpec, ...]:
+    """``label_values: declared``: the labels as pacsnode.yaml lists them, each named."""
+    unnamed = [value for value, entry in spec.labels.items() if not entry.name]
+    if not spec.labels or unnamed:
+        raise ModelSpecError(
+            f"{spec_path}: with label_values: declared, field 'labels' must list every "
+            f"label value the bundle writes, each with a name (unnamed: {unnamed})"
+        )
+    if max(spec.labels) > 255:
+        raise ModelSpecError(f"{spec_path}: label values go up to 255; found {max(spec.labels)}")
+    return tuple(
+        LabelSpec(
+            value=value,
+            name=str(entry.name),
+            category=entry.category.to_code(),
+            property_type=entry.property_type.to_code(),
+            color_rgb=entry.color_rgb,
+        )
+        for value, entry in sorted(spec.labels.items())
+    )
+
+
 def _labels(
     spec: ModelSpec, channels: dict[int, str] | None, metadata_path: Path, spec_path: Path
 ) -> tuple[LabelSpec, ...]:
+    if spec.label_values == "declared":
+        return _declared_labels(spec, spec_path)
     if channels is None:
         raise ModelSpecError(
             f"{metadata_path}: field 'network_data_format.outputs.pred.channel_def' (or "
@@ -430,7 +454,14 @@ def read_bundle(path: Path) -> NetworkInfo:
         "state_dict_network": network,
     }
     refusal: str | None = None
-    if spec.inference.chain == "bundle":
+    if spec.label_values == "declared":
+        if spec.inference.chain == "fast":
+            raise ModelSpecError(
+                f"{spec_path}: label_values: declared needs the bundle's own chain (its "
+                "postprocessing writes the values); inference.chain is fast"
+            )
+        refusal = "the bundle's postprocessing writes its label values (label_values: declared)"
+    elif spec.inference.chain == "bundle":
         refusal = "pacsnode.yaml asks for the bundle's own chain (inference.chain: bundle)"
     else:
         try:

@@ -111,8 +111,13 @@ def itk_layout(
     """The volume as MONAI's ITKReader gives a DICOM series: array (column, row, slice)
     and the RAS affine of those axes. A projection ``image`` (one slice, no slice axis)
     is (column, row) with a 3x3 affine. ``channels`` > 1 repeats the grey values in a
-    last axis, as a grey image saved in colour would be read."""
+    last axis, as a grey image saved in colour would be read. Several series on one grid
+    (a multi-series model's input) are (series, column, row, slice), as LoadImage
+    stacks a list of files."""
     affine = volume.ras_affine[:, [2, 1, 0, 3]]
+    if volume.voxels.ndim == 4:  # (channel, slice, row, column): several series
+        array = np.ascontiguousarray(volume.voxels.transpose(0, 3, 2, 1), dtype=np.float32)
+        return array, np.asarray(affine, dtype=np.float64)
     array = np.ascontiguousarray(volume.voxels.transpose(2, 1, 0), dtype=np.float32)
     if image:
         array = array[:, :, 0]
@@ -144,12 +149,18 @@ class VolumeReader:
 
     def get_data(self, img: Volume) -> tuple[npt.NDArray[np.float32], dict[str, Any]]:
         array, affine = itk_layout(img, self.channels, self.image)
-        spatial = array.shape[:-1] if self.channels > 1 else array.shape
+        channel_dim: float
+        if img.voxels.ndim == 4:
+            spatial, channel_dim = array.shape[1:], 0
+        elif self.channels > 1:
+            spatial, channel_dim = array.shape[:-1], -1
+        else:
+            spatial, channel_dim = array.shape, float("nan")
         return array, {
             "affine": affine.copy(),
             "original_affine": affine.copy(),
             "spatial_shape": np.asarray(spatial),
-            "original_channel_dim": -1 if self.channels > 1 else float("nan"),
+            "original_channel_dim": channel_dim,
             "space": "RAS",
             "spacing": np.sqrt((affine[:-1, :-1] ** 2).sum(axis=0)),
             "0008|0060": img.modality,
@@ -271,7 +282,7 @@ class BundleChain:
         import torch
 
         pred = torch.as_tensor(self.run(volume)).detach().float().cpu()
-        expected = volume.voxels.shape[::-1]
+        expected = volume.voxels.shape[-3:][::-1]
         if pred.ndim != 4 or tuple(pred.shape[1:]) != expected:
             raise ModelError(
                 f"{self.info.name}: the bundle's postprocessed prediction has shape "
@@ -288,11 +299,12 @@ class BundleChain:
                     "pacsnode writes one label per voxel"
                 )
             labels = pred.argmax(dim=0).float()
-        highest = max(label.value for label in self.info.labels)
-        if float(labels.min()) < 0 or float(labels.max()) > highest:
+        found = {int(v) for v in torch.unique(labels).tolist()}
+        unknown = sorted(found - {0} - {label.value for label in self.info.labels})
+        if unknown:
             raise ModelError(
-                f"{self.info.name}: the bundle's labels run from {float(labels.min()):g} to "
-                f"{float(labels.max()):g}; pacsnode.yaml declares labels up to {highest}"
+                f"{self.info.name}: the bundle's output holds label value(s) {unknown}, "
+                f"which {self.info.path / 'pacsnode.yaml'} does not declare"
             )
         return np.ascontiguousarray(labels.permute(2, 1, 0).numpy().astype(np.uint8))
 

@@ -270,8 +270,9 @@ class NetworkRunner:
         pre = info.preprocessing
         image_input = info.spec.input == InputKindValues.IMAGE
         voxels = volume.voxels
-        if voxels.ndim != 3 or (image_input and voxels.shape[0] != 1):
-            wanted = "one image (1, rows, columns)" if image_input else "a 3-D volume"
+        dimensions = 4 if info.spec.inputs else 3  # several series: (channel, k, j, i)
+        if voxels.ndim != dimensions or (image_input and voxels.shape[0] != 1):
+            wanted = "one image (1, rows, columns)" if image_input else f"{dimensions}-D voxels"
             raise ModelError(f"{info.name} needs {wanted}; found shape {voxels.shape}.")
         x = torch.from_numpy(np.ascontiguousarray(voxels, dtype=np.float32)).to(self.device)
         if not bool(torch.isfinite(x).all()):
@@ -290,7 +291,7 @@ class NetworkRunner:
                 net_spacing[int(new_axis)] = volume.spacing_mm[axis]
             spacing = (net_spacing[0], net_spacing[1], net_spacing[2])
             back = orientations.ornt_transform(target, current)
-        x = x[None, None]
+        x = x[None] if dimensions == 4 else x[None, None]
         grid = _Grid(tuple(x.shape[2:]), back, tuple(spacing))
         if pre.spacing_mm is not None:
             x = spacing_resample(x, spacing, pre.spacing_mm)
@@ -541,6 +542,11 @@ def network_model_class(path: Path) -> type[NetworkSegmentationModel | NetworkCl
             input_kind=spec.input,
             description=info.description,
         )
+        if spec.inputs:
+            attributes.update(
+                inputs={name: dict(entry.match) for name, entry in spec.inputs.items()},
+                reference_input=spec.reference,
+            )
         if info.task == "classification":
             base = NetworkClassificationModel
             attributes.update(classes=info.classes, threshold=spec.threshold)

@@ -12,7 +12,7 @@ the field at fault.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -173,6 +173,17 @@ class InferenceSpec(_Strict):
     chain: Literal["auto", "bundle", "fast"] = "auto"
 
 
+class InputEntry(_Strict):
+    """One named input of a multi-series model: which series of the study it takes.
+
+    ``match`` holds conditions on series attributes in the rules' syntax (a value, or
+    ``{regex: ...}``, ``{contains: ...}``, ``{min: ..., max: ...}``); the node checks
+    them (:func:`node.rules.input_conditions`).
+    """
+
+    match: dict[str, Any] = Field(min_length=1)
+
+
 class ModelSpec(_Strict):
     """``pacsnode.yaml``: a network model's declaration.
 
@@ -194,6 +205,31 @@ class ModelSpec(_Strict):
     activation: Literal["softmax", "sigmoid"] = "softmax"
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     description: str | None = None
+    #: Multi-series models: named inputs in channel order, and the one whose grid the
+    #: others are resampled to and the SEG refers to.
+    inputs: dict[str, InputEntry] = Field(default_factory=dict)
+    reference: str | None = None
+    #: ``channels``: output channel c is label value c (channel_def names them);
+    #: ``declared``: the bundle's own postprocessing writes label values itself (e.g.
+    #: BraTS: 1, 2, 4), and ``labels`` names each value.
+    label_values: Literal["channels", "declared"] = "channels"
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> ModelSpec:
+        if not self.inputs:
+            if self.reference is not None:
+                raise ValueError("reference names one of inputs; there are no inputs")
+            return self
+        if len(self.inputs) < 2:
+            raise ValueError("inputs are for models of two series or more")
+        if self.reference not in self.inputs:
+            raise ValueError(
+                f"reference must name one of the inputs ({', '.join(self.inputs)}). "
+                f"Found {self.reference!r}."
+            )
+        if self.task != "segmentation" or self.input != InputKindValues.VOLUME:
+            raise ValueError("inputs are for segmentation models of volumes")
+        return self
 
     @model_validator(mode="after")
     def _check_task(self) -> ModelSpec:

@@ -137,6 +137,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         if accepts.min_slices > 1:
             taken += f" >={accepts.min_slices} slices"
         taken += f" ({cls.input_kind})"
+        if cls.inputs:  # a multi-series model: its inputs, the reference first
+            names = [str(cls.reference_input)] + [n for n in cls.inputs if n != cls.reference_input]
+            taken += f" series {'+'.join(names)}"
         digest = cls.weights_sha256() if entry.problem is None else None
         rows.append(
             (

@@ -338,6 +338,13 @@ def model_problems(config: Config) -> list[str]:
                 )
             elif (missing := known_models[model].missing_requirements()) is not None:
                 problems.append(f"{where}: model {model!r} cannot run here: {missing}")
+            elif known_models[model].inputs:
+                from node.rules import input_conditions
+
+                try:
+                    input_conditions(known_models[model].inputs)
+                except ValueError as exc:
+                    problems.append(f"{where}: model {model!r}: pacsnode.yaml {exc}")
     return problems
 
 

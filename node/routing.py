@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
@@ -30,7 +31,7 @@ from models.base import InputKindValues, OrientationValues, orientation_of
 from models.registry import get_model_class
 from node.completeness import missing_slices
 from node.config import Rule
-from node.rules import route_series
+from node.rules import input_conditions, route_series, series_matches
 from node.state import PlannedJob, SeriesPlan, SeriesStateValues, StateDB
 
 __all__ = [
@@ -132,6 +133,10 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
     for model, fitting in runnable.items():
         if _per_image(model):
             continue
+        inputs = get_model_class(model).inputs
+        if inputs:
+            _assign_inputs(model, inputs, fitting, plans)
+            continue
         best = max(fitting, key=SeriesCandidate.fitness)
         for other in fitting:
             if other is best:
@@ -145,6 +150,69 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
                 None,
             )
     return plans
+
+
+def _assign_inputs(
+    model: str,
+    inputs: dict[str, dict[str, Any]],
+    fitting: list[SeriesCandidate],
+    plans: dict[str, SeriesPlan],
+) -> None:
+    """Give each input of a multi-series model the best-fitting series of the study that
+    matches it (a series serves one input). The job runs on the reference input's series
+    and names the others; every other series the rules sent to the model is skipped,
+    saying which input it serves or why it serves none. An input without a series skips
+    them all, naming it."""
+    cls = get_model_class(model)
+    conditions = input_conditions(inputs)
+    assigned: dict[str, SeriesCandidate] = {}
+    for name, match in conditions.items():
+        matching = [
+            c
+            for c in fitting
+            if c not in assigned.values()
+            and c.header is not None
+            and series_matches(match, c.header)
+        ]
+        if matching:
+            assigned[name] = max(matching, key=SeriesCandidate.fitness)
+    missing = [name for name in inputs if name not in assigned]
+    reference = assigned.get(str(cls.reference_input))
+    served = {c.series_instance_uid: name for name, c in assigned.items()}
+    for candidate in fitting:
+        uid = candidate.series_instance_uid
+        if missing or reference is None:
+            reason = (
+                f"{model} needs a series for input(s) {', '.join(missing)}, and none of the "
+                "study's series matches"
+            )
+        elif candidate is reference:
+            reason = None
+        elif uid in served:
+            reason = (
+                f"input {served[uid]!r} of {model}, which runs on series "
+                f"{reference.series_instance_uid} (input {cls.reference_input!r})"
+            )
+        else:
+            reason = f"matches no input of {model}, or another series fits that input better"
+        jobs = []
+        for job in plans[uid].jobs:
+            if job.model != model:
+                jobs.append(job)
+            elif reason is not None:
+                jobs.append(job._replace(skipped_reason=reason))
+            else:
+                jobs.append(
+                    job._replace(
+                        reference_input=cls.reference_input,
+                        other_inputs=tuple(
+                            (name, c.series_instance_uid)
+                            for name, c in assigned.items()
+                            if c is not reference
+                        ),
+                    )
+                )
+        plans[uid] = SeriesPlan(jobs, None)
 
 
 def candidate_from_paths(series_instance_uid: str, paths: Sequence[Path]) -> SeriesCandidate:

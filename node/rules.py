@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
 from pydicom import Dataset
 from pydicom.multival import MultiValue
 
@@ -15,8 +17,10 @@ __all__ = [
     "RoutedModel",
     "attribute_values",
     "condition_matches",
+    "input_conditions",
     "route_series",
     "rule_matches",
+    "series_matches",
 ]
 
 
@@ -82,14 +86,37 @@ def condition_matches(condition: MatchCondition, values: list[str] | None) -> bo
     return not (condition.max is not None and number > condition.max)
 
 
-def rule_matches(rule: Rule, header: Dataset, instance_count: int) -> bool:
-    """Whether a series (one instance's header and how many instances) matches ``rule``."""
-    if instance_count < rule.min_instances:
-        return False
+def series_matches(conditions: dict[str, MatchCondition], header: Dataset) -> bool:
+    """Whether a series' header satisfies every condition."""
     return all(
         condition_matches(condition, attribute_values(header, keyword))
-        for keyword, condition in rule.match.items()
+        for keyword, condition in conditions.items()
     )
+
+
+def input_conditions(inputs: dict[str, dict[str, Any]]) -> dict[str, dict[str, MatchCondition]]:
+    """A multi-series model's input matches as conditions, in the inputs' order.
+
+    Raises
+    ------
+    ValueError
+        Naming the input, attribute and what is wrong with its condition.
+    """
+    parsed: dict[str, dict[str, MatchCondition]] = {}
+    for name, match in inputs.items():
+        parsed[name] = {}
+        for keyword, raw in match.items():
+            try:
+                parsed[name][keyword] = MatchCondition.model_validate(raw)
+            except ValidationError as exc:
+                problem = "; ".join(str(e["msg"]) for e in exc.errors())
+                raise ValueError(f"inputs.{name}.match.{keyword}: {problem}") from exc
+    return parsed
+
+
+def rule_matches(rule: Rule, header: Dataset, instance_count: int) -> bool:
+    """Whether a series (one instance's header and how many instances) matches ``rule``."""
+    return instance_count >= rule.min_instances and series_matches(rule.match, header)
 
 
 def route_series(rules: Sequence[Rule], header: Dataset, instance_count: int) -> list[RoutedModel]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from workers.contract import JobOutcome, JobRequest, Manifest, ManifestInstance
+from workers.contract import InputSeries, JobOutcome, JobRequest, Manifest, ManifestInstance
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -170,6 +170,10 @@ class PlannedJob(NamedTuple):
     lineage: str = ""
     failed_reason: str | None = None
     shadow: bool = False
+    #: A multi-series model's other inputs: (input name, series UID); the job's own
+    #: series is its reference input, named by ``reference_input``.
+    other_inputs: tuple[tuple[str, str], ...] = ()
+    reference_input: str | None = None
 
 
 class SeriesPlan(NamedTuple):
@@ -689,9 +693,19 @@ class StateDB:
         """The job for ``job`` on the series' current instances, unless the lineage's
         latest job already has exactly that input."""
         instances = self._instances(series_uid, conn)
-        if not instances:
+        others = [
+            InputSeries(name=name, series_instance_uid=uid, instances=tuple(found))
+            for name, uid in job.other_inputs
+            if (found := self._instances(uid, conn))
+        ]
+        if not instances or len(others) != len(job.other_inputs):
             return None
-        manifest = Manifest(series_instance_uid=series_uid, instances=tuple(instances))
+        manifest = Manifest(
+            series_instance_uid=series_uid,
+            instances=tuple(instances),
+            reference_input=job.reference_input,
+            other_inputs=tuple(others),
+        )
         digest = manifest.digest
         latest = conn.execute(_LATEST_VERSION, (job.lineage, JobStateValues.SKIPPED)).fetchone()
         if (

@@ -28,6 +28,8 @@ import numpy.typing as npt
 import yaml
 
 ZOO = Path(__file__).resolve().parent / "data" / "model_zoo"
+#: A label must cover this many voxels in MONAI's run to count as a real region.
+REGION_VOXELS = 1000
 
 #: SNOMED CT codes good enough for a test label (any anatomical structure).
 _TISSUE = {"category": {"value": "91723000", "meaning": "Anatomical Structure"},
@@ -110,23 +112,32 @@ def segmentation_spec(channels: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-def preprocessed(bundle: Path, data: Any) -> Any:
+def preprocessed(bundle: Path, data: Any, reader: str | None = "ITKReader") -> Any:
     """The bundle's own preprocessing of one data item, by MONAI."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser(read_config(bundle))
     parser["bundle_root"] = str(bundle)
-    _set_reader(parser)
+    if reader is not None:
+        _set_reader(parser, reader)
     return parser.get_parsed_content("preprocessing")(data)
 
 
 def train_and_save(
-    bundle: Path, image: Any, *, classes: int = 3, steps: int = 30, slices: bool = False
+    bundle: Path,
+    image: Any,
+    *,
+    classes: int = 3,
+    steps: int = 30,
+    slices: bool = False,
+    multilabel: bool = False,
 ) -> None:
     """Initialise the bundle's (small) network with seed 0, train it ``steps`` steps to
     label ``classes`` intensity bands of ``image`` (a preprocessed (C, *spatial) tensor;
     with ``slices``, a 2-D network on its slices along the last axis), and save the
-    state dict where the bundle and pacsnode load it."""
+    state dict where the bundle and pacsnode load it. With ``multilabel``, ``classes``
+    sigmoid channels learn nested regions instead (channel c: above the c-th band edge,
+    the last the brightest), as BraTS's tumour regions nest."""
     import torch
     from monai.bundle import ConfigParser
 
@@ -145,6 +156,10 @@ def train_and_save(
     edges = torch.quantile(inside if inside.numel() else values,
                            torch.linspace(0, 1, classes + 1)[1:-1])  # fmt: skip
     target = torch.bucketize(grey, edges)[:, 0]
+    if multilabel:
+        edges = torch.quantile(inside if inside.numel() else values,
+                               torch.linspace(0.3, 0.9, classes))  # fmt: skip
+        target = torch.cat([(grey > edge).float() for edge in edges], dim=1)
     optimiser = torch.optim.Adam(net.parameters(), lr=0.01)
     crop = [min(48, s) for s in x.shape[2:]]
     batch = slice(None) if not slices else slice(0, None, max(1, x.shape[0] // 8))
@@ -153,8 +168,13 @@ def train_and_save(
     for _ in range(steps):
         start = [int(rng.integers(0, s - c + 1)) for s, c in zip(x.shape[2:], crop, strict=True)]
         window = tuple(slice(a, a + c) for a, c in zip(start, crop, strict=True))
-        loss = torch.nn.functional.cross_entropy(net(x[(batch, slice(None), *window)]),
-                                                 target[(batch, *window)])  # fmt: skip
+        output = net(x[(batch, slice(None), *window)])
+        if multilabel:
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                output, target[(batch, slice(None), *window)]
+            )
+        else:
+            loss = torch.nn.functional.cross_entropy(output, target[(batch, *window)])
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
@@ -187,13 +207,14 @@ def _set_reader(parser: Any, reader: str = "ITKReader") -> None:
 
 def monai_reference(
     bundle: Path,
-    data: dict[str, str],
+    data: dict[str, Any],
     output_dir: Path,
     *,
-    reader: str = "ITKReader",
+    reader: str | None = "ITKReader",
     run_id: str = "run",
 ) -> Path:
-    """``monai.bundle.run`` on one item; returns the output folder it wrote to."""
+    """``monai.bundle.run`` on one item; returns the output folder it wrote to. With no
+    ``reader``, LoadImaged picks one by the file names (NIfTI: nibabel)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -207,7 +228,8 @@ def monai_reference(
         if key in parser["dataset"]:
             del parser["dataset"][key]
     parser["dataloader#num_workers"] = 0
-    _set_reader(parser, reader)
+    if reader is not None:
+        _set_reader(parser, reader)
     for handler in parser.get("handlers", []) or []:
         if str(handler.get("_target_", "")).endswith("ClassificationSaver"):
             handler["output_dir"] = str(output_dir)
@@ -235,3 +257,25 @@ def saved_labels(output_dir: Path) -> tuple[npt.NDArray[np.int64], npt.NDArray[n
 def dice(a: npt.NDArray[np.bool_], b: npt.NDArray[np.bool_]) -> float:
     total = int(a.sum()) + int(b.sum())
     return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
+
+
+def on_reference_grid(series_dirs: Sequence[Path], reference: int, out_dir: Path) -> list[str]:
+    """Each DICOM series read by MONAI (ITKReader) and resampled onto the ``reference``
+    one's grid by MONAI's ``ResampleToMatch`` (bilinear, zeros outside), saved as NIfTI:
+    the input a multi-channel bundle expects, made without pacsnode's code."""
+    import nibabel as nib
+    from monai.transforms import LoadImage, ResampleToMatch
+
+    load = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)
+    images = [load(str(folder)) for folder in series_dirs]
+    target = images[reference]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for number, image in enumerate(images):
+        if number != reference:
+            image = ResampleToMatch(mode="bilinear", padding_mode="zeros")(image, target)
+        path = out_dir / f"input{number}.nii.gz"
+        affine = np.asarray(target.affine, dtype=np.float64)
+        nib.Nifti1Image(np.asarray(image[0], dtype=np.float32), affine).to_filename(path)
+        files.append(str(path))
+    return files

@@ -22,6 +22,7 @@ from workers.outputs import OutputRequest
 
 __all__ = [
     "RUN_MODEL",
+    "InputSeries",
     "JobOutcome",
     "JobRequest",
     "Manifest",
@@ -65,11 +66,31 @@ class ManifestInstance(_Frozen):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class InputSeries(_Frozen):
+    """One more named input of a multi-series model: a series' instances."""
+
+    name: str
+    series_instance_uid: str
+    instances: tuple[ManifestInstance, ...] = Field(min_length=1)
+
+
 class Manifest(_Frozen):
-    """The exact input of a job: one series' instances when the job was created."""
+    """The exact input of a job: one series' instances when the job was created.
+
+    For a multi-series model that series is its ``reference`` input (named
+    ``reference_input``: the grid the others are resampled to and the SEG refers to),
+    and ``other_inputs`` hold the other inputs' series.
+    """
 
     series_instance_uid: str
     instances: tuple[ManifestInstance, ...] = Field(min_length=1)
+    reference_input: str | None = None
+    other_inputs: tuple[InputSeries, ...] = ()
+
+    @property
+    def all_instances(self) -> tuple[ManifestInstance, ...]:
+        """Every input instance: the reference series', then the other inputs'."""
+        return self.instances + tuple(i for s in self.other_inputs for i in s.instances)
 
     @classmethod
     def of_files(cls, series_instance_uid: str, paths: Iterable[Path]) -> Manifest:
@@ -96,7 +117,11 @@ class Manifest(_Frozen):
         """SHA-256 (hex) over the instances' UIDs and file digests, in UID order: equal
         for the same content whatever the paths or the order of arrival."""
         pairs = sorted((i.sop_instance_uid, i.sha256) for i in self.instances)
-        return hashlib.sha256(json.dumps([self.series_instance_uid, pairs]).encode()).hexdigest()
+        content: list[Any] = [self.series_instance_uid, pairs]
+        for other in sorted(self.other_inputs, key=lambda s: s.name):
+            others = sorted((i.sop_instance_uid, i.sha256) for i in other.instances)
+            content.append([other.name, other.series_instance_uid, others])
+        return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 class ResultInstance(_Frozen):

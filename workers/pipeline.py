@@ -7,6 +7,7 @@ Pure functions called by the Celery task; no Celery here, so tests call them dir
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -17,7 +18,13 @@ import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset
 
-from models.base import ClassificationModel, InputKindValues, ModelError, SegmentationModel
+from models.base import (
+    ClassificationModel,
+    InputKindValues,
+    ModelError,
+    SegmentationModel,
+    Volume,
+)
 from models.registry import get_model
 from workers.contract import JobOutcome, JobRequest, Manifest, ResultInstance, file_digest
 from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
@@ -25,7 +32,7 @@ from workers.overlays import KeyImage, build_overlay_images, key_images
 from workers.rejection import build_rejection_note
 from workers.seg import SegmentInfo, build_seg, plan_segments
 from workers.seg_check import SegPlacementError, check_seg_placement
-from workers.series import LoadedSeries, SeriesError, load_images, load_series
+from workers.series import LoadedSeries, SeriesError, load_images, load_series, resample_onto
 from workers.sr import SegmentMeasurement, build_classification_sr, build_sr, measure_segments
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
@@ -47,7 +54,8 @@ def _failed(job_id: int, reason: str) -> JobOutcome:
 
 
 def verify_manifest(manifest: Manifest) -> list[Path]:
-    """The manifest's files, each checked to hold exactly the bytes recorded for it.
+    """The files of the job's own series, after checking that every file of the
+    manifest (other inputs' too) holds exactly the bytes recorded for it.
 
     Raises
     ------
@@ -56,7 +64,7 @@ def verify_manifest(manifest: Manifest) -> list[Path]:
         with other content after the job was created; a newer version covers that).
     """
     paths = []
-    for instance in manifest.instances:
+    for instance in manifest.all_instances:
         path = Path(instance.path)
         try:
             size, sha256 = file_digest(path)
@@ -72,7 +80,7 @@ def verify_manifest(manifest: Manifest) -> list[Path]:
                 "input, so it does not run (a newer version covers the new content)"
             )
         paths.append(path)
-    return paths
+    return paths[: len(manifest.instances)]  # the job's own (reference) series
 
 
 def _result(ds: Dataset, path: Path) -> ResultInstance:
@@ -185,13 +193,16 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
     mark = time.perf_counter()
     try:
         series = load_series(paths)
+        volume, other_inputs = series.volume, list[LoadedSeries]()
+        if model.inputs:
+            volume, other_inputs = _stacked_inputs(request.manifest, series, model)
     except SeriesError as exc:
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
     try:
-        label_map = model.predict(series.volume)
+        label_map = model.predict(volume)
     except ModelError as exc:
         return _failed(request.job_id, f"{model.name}: {exc}")
     timings["inference"] = time.perf_counter() - mark
@@ -217,6 +228,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
             output_dir,
             revision=request.revision,
             previous_reports=_previous_reports(request),
+            other_inputs=other_inputs,
         )
     except SegPlacementError as exc:
         return _failed(request.job_id, f"a SEG was not sent, it would be misplaced: {exc}")
@@ -232,6 +244,37 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
     )
 
 
+def _stacked_inputs(
+    manifest: Manifest, reference: LoadedSeries, model: SegmentationModel
+) -> tuple[Volume, list[LoadedSeries]]:
+    """A multi-series model's input: each input series loaded and resampled onto the
+    reference series' grid, stacked as channels in the model's input order; and the
+    series other than the reference (the SR lists them).
+
+    Raises
+    ------
+    SeriesError
+        If an input is missing from the manifest or lies in another frame of reference.
+    """
+    loaded = {manifest.reference_input or model.reference_input: reference}
+    for other in manifest.other_inputs:
+        loaded[other.name] = load_series(Path(i.path) for i in other.instances)
+    missing = [name for name in model.inputs if name not in loaded]
+    if missing:
+        raise SeriesError(f"the job has no series for input(s) {', '.join(missing)}")
+    frame = reference.datasets[0].get("FrameOfReferenceUID")
+    for name, series in loaded.items():
+        if series.datasets[0].get("FrameOfReferenceUID") != frame:
+            raise SeriesError(
+                f"input {name!r} (series {series.datasets[0].SeriesInstanceUID}) is in frame "
+                f"of reference {series.datasets[0].get('FrameOfReferenceUID')}, the reference "
+                f"series in {frame}: their positions cannot be related"
+            )
+    channels = [resample_onto(loaded[name].volume, reference.volume) for name in model.inputs]
+    others = [series for series in loaded.values() if series is not reference]
+    return dataclasses.replace(reference.volume, voxels=np.stack(channels)), others
+
+
 def write_segmentation_results(
     series: LoadedSeries,
     label_map: npt.NDArray[np.integer],
@@ -242,18 +285,23 @@ def write_segmentation_results(
     *,
     revision: int = 1,
     previous_reports: Sequence[ResultInstance] = (),
+    other_inputs: Sequence[LoadedSeries] = (),
 ) -> tuple[list[ResultInstance], list[SegmentMeasurement]]:
     """The result step of a segmentation: the SEG variants, SRs and overlay images that
     ``request`` names, written into ``output_dir``.
 
     Parameters
     ----------
+    series
+        The series the label map lies on (a multi-series model's reference input).
     uids
         The job's result UIDs (:meth:`workers.uids.ResultUids.for_job`).
     revision
         The version of these results; above 1 the series descriptions say so.
     previous_reports
         The SRs of the version these results replace, named as predecessors.
+    other_inputs
+        A multi-series model's other input series; the SRs list them as evidence.
 
     Returns
     -------
@@ -314,6 +362,7 @@ def write_segmentation_results(
                     instance_number=variant.instance_number,
                     measurements=measurements,
                     previous_versions=_predecessors(previous_reports, variant.sr_file_name),
+                    other_inputs=other_inputs,
                 )
                 files.append(_write(sr, output_dir / variant.sr_file_name))
         measurements, images = numbers.result()

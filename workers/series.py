@@ -24,7 +24,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from models.base import Volume
 
-__all__ = ["LoadedSeries", "SeriesError", "load_images", "load_series"]
+__all__ = ["LoadedSeries", "SeriesError", "load_images", "load_series", "resample_onto"]
 
 logger = logging.getLogger(__name__)
 
@@ -348,3 +348,27 @@ def load_images(paths: Iterable[Path]) -> list[LoadedSeries]:
         "loaded %d images of series %s", len(images), datasets[0].get("SeriesInstanceUID", "?")
     )
     return images
+
+
+def resample_onto(moving: Volume, target: Volume) -> npt.NDArray[np.float32]:
+    """``moving``'s values at the centres of ``target``'s voxels, related through
+    patient space (trilinear; outside ``moving``, its lowest value: air on CT, 0 on MR).
+
+    For a multi-series model, every input on the reference series' grid. A series
+    already on that grid is returned as it is.
+    """
+    from scipy import ndimage
+
+    matrix = np.linalg.inv(moving.ras_affine) @ target.ras_affine
+    if moving.voxels.shape == target.voxels.shape and np.allclose(matrix, np.eye(4), atol=1e-6):
+        return moving.voxels
+    resampled = ndimage.affine_transform(
+        moving.voxels,
+        matrix[:3, :3],
+        offset=matrix[:3, 3],
+        output_shape=target.voxels.shape,
+        order=1,
+        mode="constant",
+        cval=float(moving.voxels.min()),
+    )
+    return np.asarray(resampled, dtype=np.float32)

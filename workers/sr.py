@@ -266,6 +266,7 @@ def build_sr(
     measurements: Sequence[SegmentMeasurement] | None = None,
     device_serial_number: str = "1",
     previous_versions: Sequence[Dataset] = (),
+    other_inputs: Sequence[LoadedSeries] = (),
 ) -> tuple[hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
     """Build the TID 1500 Measurement Report for the segments of ``seg``.
 
@@ -301,6 +302,9 @@ def build_sr(
     previous_versions
         The SRs this one replaces (SOP class, instance, series and study UIDs), listed
         in its Predecessor Documents Sequence.
+    other_inputs
+        A multi-series model's other input series: listed as evidence beside ``series``
+        (the reference, which the measurements are made on).
 
     Returns
     -------
@@ -381,7 +385,7 @@ def build_sr(
     sr = _report(
         model,
         groups,
-        [*series.datasets, seg],
+        [*series.datasets, *(ds for other in other_inputs for ds in other.datasets), seg],
         uids,
         series_number,
         device_serial_number,

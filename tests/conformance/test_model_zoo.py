@@ -32,8 +32,7 @@ from tests.dicom_factory import (
 )
 from workers.series import load_images, load_series
 
-#: A label must cover this many voxels in MONAI's run to count as a real region.
-REGION_VOXELS = 1000
+REGION_VOXELS = zoo.REGION_VOXELS
 
 
 @pytest.fixture(scope="module")

@@ -197,9 +197,10 @@ def test_check_config_builds_each_bundles_own_chain(tmp_path: Path) -> None:
     expected = model.predict(series.volume)
     seg_path = next(f.path for f in outcome.files if f.name == "seg-binary.dcm")
     written, segments = read_seg(Path(seg_path), series)
-    assert {info.label.name for info in segments} <= {"Class 1", "Class 2", "Class 3"}
+    value_of = {spec.name: spec.value for spec in model.labels}
+    assert {info.label.name for info in segments} <= set(value_of)
     for info in segments:
-        assert ((written == info.segment_number) == (expected == info.label.value)).all()
+        assert ((written == info.segment_number) == (expected == value_of[info.label.name])).all()
     assert sum(int((written == i.segment_number).sum()) for i in segments) == int(
         (expected > 0).sum()
     )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from pydicom import Dataset
 
+from models import registry
+from models.base import Accepts, SegmentationModel, Volume
 from node.config import Rule
 from node.routing import SeriesCandidate, plan_study
+from node.rules import input_conditions
 from node.state import PlannedJob, SeriesPlan
 
 AXIAL = [1, 0, 0, 0, 1, 0]
@@ -77,3 +82,79 @@ def test_an_image_model_runs_on_every_series_it_takes() -> None:
     plans = plan_study([_series("1.1", 1, Modality="DX"), _series("1.2", 1, Modality="DX")], rules)
     job = PlannedJob("xr-nodule-demo", "xr", ("pacs",), None)
     assert plans == {"1.1": SeriesPlan([job]), "1.2": SeriesPlan([job])}
+
+
+class _FourSequences(SegmentationModel):
+    """A multi-series model for routing: four named inputs matched by description."""
+
+    name = "four-seq-test"
+    version = "1"
+    labels = ()
+    accepts = Accepts(modalities=("MR",))
+    inputs = {
+        "t1c": {"SeriesDescription": {"regex": r"(?i)t1.*(post|gd)"}},
+        "t1": {"SeriesDescription": {"regex": r"(?i)t1(?!.*(post|gd))"}},
+        "t2": {"SeriesDescription": {"regex": r"(?i)t2(?!.*flair)"}},
+        "flair": {"SeriesDescription": {"regex": r"(?i)flair"}},
+    }
+    reference_input = "t1c"
+
+    def predict(self, volume: Volume) -> Any:
+        raise NotImplementedError
+
+
+MR_RULES = [Rule.model_validate({"name": "mr", "match": {"Modality": "MR"}, "models": ["four-seq-test"], "send_to": ["pacs"]})]  # fmt: skip
+
+
+@pytest.fixture
+def four_sequences() -> Iterator[None]:
+    state = registry.checkpoint()
+    registry.register_model(_FourSequences)
+    yield
+    registry.rollback(state)
+
+
+def _mr(uid: str, description: str, count: int = 100, **attributes: Any) -> SeriesCandidate:
+    return _series(uid, count, Modality="MR", SeriesDescription=description, **attributes)
+
+
+@pytest.mark.usefixtures("four_sequences")
+def test_each_input_gets_its_best_series_and_the_job_runs_on_the_reference() -> None:
+    plans = plan_study(
+        [
+            _mr("1.1", "T1 post Gd"),
+            _mr("1.2", "T1 3D"),
+            _mr("1.3", "T2 TSE", SliceThickness="5.0"),
+            _mr("1.4", "T2 TSE thin", SliceThickness="2.0"),  # the better T2
+            _mr("1.5", "FLAIR"),
+            _mr("1.6", "DWI b1000"),  # no input takes it
+        ],
+        MR_RULES,
+    )
+    (job,) = plans["1.1"].jobs
+    assert job.skipped_reason is None
+    assert job.reference_input == "t1c"
+    assert dict(job.other_inputs) == {"t1": "1.2", "t2": "1.4", "flair": "1.5"}
+    reasons = {uid: plans[uid].jobs[0].skipped_reason for uid in ("1.2", "1.3", "1.4", "1.6")}
+    assert reasons["1.2"] == "input 't1' of four-seq-test, which runs on series 1.1 (input 't1c')"
+    assert reasons["1.4"] == "input 't2' of four-seq-test, which runs on series 1.1 (input 't1c')"
+    fits_none = "matches no input of four-seq-test, or another series fits that input better"
+    assert reasons["1.3"] == reasons["1.6"] == fits_none
+
+
+@pytest.mark.usefixtures("four_sequences")
+def test_a_missing_input_skips_every_series_naming_it() -> None:
+    plans = plan_study(
+        [_mr("1.1", "T1 post Gd"), _mr("1.2", "T1 3D"), _mr("1.3", "T2 TSE")], MR_RULES
+    )
+    for uid in ("1.1", "1.2", "1.3"):
+        (job,) = plans[uid].jobs
+        assert job.skipped_reason == (
+            "four-seq-test needs a series for input(s) flair, and none of the study's series "
+            "matches"
+        )
+
+
+def test_input_conditions_are_checked_by_name() -> None:
+    with pytest.raises(ValueError, match=r"inputs\.t1\.match\.SeriesDescription: .*regular"):
+        input_conditions({"t1": {"SeriesDescription": {"regex": "(unclosed"}}})
