@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ClassificationScore",
     "EvaluationError",
+    "FolderInput",
     "Interval",
     "LabelScore",
     "classification_score",
@@ -290,9 +291,18 @@ def _study_map(path: Path | None) -> dict[str, str]:
         return {Path(row["file"]).name: row["study_instance_uid"] for row in csv.DictReader(fh)}
 
 
-def dicom_studies(folder: Path, model: str) -> tuple[dict[str, list[list[Path]]], list[str]]:
-    """Study Instance UID -> the series under ``folder`` that ``model`` takes (files of
-    each), chosen as routing chooses them; and one line per study it takes none of."""
+@dataclass(frozen=True)
+class FolderInput:
+    """What a model takes of one study in a folder: the files of its series (for a
+    multi-series model the reference input's) and the other inputs' files by name."""
+
+    paths: list[Path]
+    other_inputs: dict[str, list[Path]]
+
+
+def dicom_studies(folder: Path, model: str) -> tuple[dict[str, list[FolderInput]], list[str]]:
+    """Study Instance UID -> what ``model`` takes of the study under ``folder``, chosen as
+    routing chooses it; and one line per study it takes none of."""
     from pydicom import dcmread
     from pydicom.errors import InvalidDicomError
 
@@ -308,15 +318,16 @@ def dicom_studies(folder: Path, model: str) -> tuple[dict[str, list[list[Path]]]
             continue  # not a DICOM image: a README, a NIfTI reference, ...
         files.setdefault(study_uid, {}).setdefault(series_uid, []).append(path)
     rule = Rule(name="evaluate", models=[model])
-    chosen: dict[str, list[list[Path]]] = {}
+    chosen: dict[str, list[FolderInput]] = {}
     problems: list[str] = []
     for study, series in sorted(files.items()):
         candidates = [candidate_from_paths(uid, paths) for uid, paths in series.items()]
         plans = plan_study(candidates, [rule])
         taken = [
-            series[uid]
+            FolderInput(series[uid], {name: series[other] for name, other in job.other_inputs})
             for uid, plan in plans.items()
-            if any(job.model == model and job.skipped_reason is None for job in plan.jobs)
+            for job in plan.jobs
+            if job.model == model and job.skipped_reason is None
         ]
         if taken:
             chosen[study] = taken
@@ -362,6 +373,8 @@ def _predictions_by_running(
     """For a study under ``folder``: the series the model takes, its label map from
     running the model here, and label name -> value."""
     from models.registry import get_segmentation_model
+    from workers.contract import InputSeries, Manifest
+    from workers.pipeline import stack_inputs
     from workers.series import load_series
 
     studies, skipped = dicom_studies(folder, model)
@@ -371,8 +384,19 @@ def _predictions_by_running(
     def predict(study: str) -> tuple[LoadedSeries, npt.NDArray[Any], dict[str, int]]:
         if study not in studies:
             raise EvaluationError(f"no series of study {study} under {folder} for {model}")
-        series = load_series(studies[study][0])
-        labels = segmenter.predict(series.volume)
+        taken = studies[study][0]
+        series = load_series(taken.paths)
+        volume = series.volume
+        if taken.other_inputs:  # a multi-series model: its inputs as the worker stacks them
+            manifest = Manifest.of_files(str(series.datasets[0].SeriesInstanceUID), taken.paths)
+            others = tuple(
+                InputSeries(name=name, series_instance_uid=name,
+                            instances=Manifest.of_files(name, paths).instances)
+                for name, paths in taken.other_inputs.items()
+            )  # fmt: skip
+            manifest = manifest.model_copy(update={"other_inputs": others})
+            volume, _ = stack_inputs(manifest, series, segmenter)
+        labels = segmenter.predict(volume)
         return series, labels, {spec.name: spec.value for spec in segmenter.labels}
 
     return predict
@@ -469,8 +493,8 @@ def _probabilities_by_running(
     studies, skipped = dicom_studies(folder, model)
     problems.extend(skipped)
     reported: dict[tuple[str, str], float] = {}
-    for study, series_files in studies.items():
-        for files in series_files:
+    for study, taken in studies.items():
+        for files in (entry.paths for entry in taken):
             if classifier.input_kind == InputKindValues.IMAGE:
                 for image in load_images(files):
                     sop = str(image.datasets[0].SOPInstanceUID)

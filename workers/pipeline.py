@@ -195,7 +195,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
         series = load_series(paths)
         volume, other_inputs = series.volume, list[LoadedSeries]()
         if model.inputs:
-            volume, other_inputs = _stacked_inputs(request.manifest, series, model)
+            volume, other_inputs = stack_inputs(request.manifest, series, model)
     except SeriesError as exc:
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
@@ -244,7 +244,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
     )
 
 
-def _stacked_inputs(
+def stack_inputs(
     manifest: Manifest, reference: LoadedSeries, model: SegmentationModel
 ) -> tuple[Volume, list[LoadedSeries]]:
     """A multi-series model's input: each input series loaded and resampled onto the

@@ -11,6 +11,10 @@ reference grid by MONAI's ``ResampleToMatch``: nothing of pacsnode's code.
 
 from __future__ import annotations
 
+import csv
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,8 @@ from workers.render import read_seg
 from workers.series import load_series
 
 pytestmark = pytest.mark.integration
+
+PACSNODE = Path(sys.executable).parent / "pacsnode"
 
 _CODE = {"category": {"value": "49755003", "meaning": "Morphologically Altered Structure"},
          "property_type": {"value": "108369006", "meaning": "Neoplasm"}}  # fmt: skip
@@ -154,3 +160,24 @@ def test_four_sequence_study_reaches_brats_and_gives_monais_labels(
     for value in (1, 2, 4):
         if int((reference == value).sum()) >= zoo.REGION_VOXELS:
             assert zoo.dice(ours == value, reference == value) >= 0.95, value
+
+    # pacsnode evaluate runs the model on the study folder and scores it against MONAI's
+    # labels as a NIfTI reference: the same figures.
+    references = tmp_path / "references"
+    references.mkdir()
+    study_uid = str(seg.StudyInstanceUID)
+    (monai_labels,) = (tmp_path / "monai").rglob("*.nii.gz")
+    shutil.copy(monai_labels, references / f"{study_uid}.nii.gz")
+    run = subprocess.run(
+        [str(PACSNODE), "evaluate", "--config", str(node.config_path), "--model", "brats-test",
+         "--reference", str(references), "--dicom", str(tmp_path / "study"),
+         "--out", str(tmp_path / "evaluation")],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    with (tmp_path / "evaluation" / "evaluation.csv").open() as fh:
+        rows = {row["label"]: row for row in csv.DictReader(fh)}
+    assert set(rows) == {"Tumor core", "Edema", "Enhancing tumor"}
+    for name, value in value_of.items():
+        if int((reference == value).sum()) >= zoo.REGION_VOXELS:
+            assert float(rows[name]["dice"]) >= 0.95, rows[name]
