@@ -16,6 +16,7 @@ from pydicom import dcmread
 
 from models import registry
 from models.base import SegmentationModel, Volume
+from models.network import network_model_class
 from models.spec import ModelSpecError, read_spec
 from tests.dicom_factory import chest_phantom, write_ct_series
 from tests.job_requests import job_request
@@ -117,3 +118,49 @@ def test_inputs_declared_wrongly_are_refused(
     with pytest.raises(ModelSpecError, match=message) as caught:
         read_spec(path)
     assert str(path) in str(caught.value)
+
+
+TWO_INPUT_SPEC = """\
+version: 1.0.0
+queue: cpu
+accepts: {modalities: [CT]}
+inputs:
+  plain: {match: {SeriesNumber: 1}}
+  shifted: {match: {SeriesNumber: 2}}
+reference: plain
+preprocessing:
+  intensity: {a_min: -1000, a_max: 1000}
+inference: {roi_size: [8, 32, 32]}
+labels:
+  1: {name: Left, category: {value: "91723000", meaning: Anatomical Structure},
+      property_type: {value: "87784001", meaning: Soft tissue}}
+"""
+
+
+def test_a_torchscript_model_of_two_series_sees_them_as_channels(tmp_path: Path) -> None:
+    """The fast path with two inputs: (channel, k, j, i) voxels become a 2-channel network
+    input; the labels equal the network run by hand on the two windowed channels."""
+    from monai.inferers import sliding_window_inference
+
+    torch.manual_seed(3)
+    net = torch.nn.Conv3d(2, 2, 3, padding=1).eval()
+    folder = tmp_path / "two-inputs"
+    folder.mkdir()
+    torch.jit.save(torch.jit.script(net), str(folder / "model.ts"))
+    (folder / "pacsnode.yaml").write_text(TWO_INPUT_SPEC)
+    model = network_model_class(folder)()
+    assert isinstance(model, SegmentationModel)
+    assert list(model.inputs) == ["plain", "shifted"]
+    assert model.reference_input == "plain"
+
+    phantom = chest_phantom((8, 64, 64), (5.0, 3.0, 3.0))
+    voxels = np.stack([phantom.hu, np.roll(phantom.hu, 7, axis=2)]).astype(np.float32)
+    volume = _volume(voxels, (0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (5.0, 3.0, 3.0))
+    labels = model.predict(volume)
+    with torch.inference_mode():
+        x = (torch.from_numpy(voxels).clamp(-1000, 1000) + 1000) / 2000
+        logits = sliding_window_inference(x[None], (8, 32, 32), 4, net, overlap=0.25)
+        expected = torch.argmax(torch.as_tensor(logits)[0], dim=0).numpy()
+    assert labels.shape == phantom.hu.shape
+    assert (labels == expected).mean() > 0.999
+    assert 0.05 < labels.mean() < 0.95  # both labels present: the test can fail
