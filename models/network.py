@@ -238,6 +238,11 @@ class NetworkRunner:
         parser = ConfigParser()
         parser.read_meta(info.path / METADATA_FILE)
         parser.read_config(info.state_dict_network)
+        network_def = parser["network_def"]
+        if isinstance(network_def, dict) and network_def.get("pretrained") not in (None, False):
+            # Pretrained backbone weights (e.g. ImageNet) would be downloaded only to be
+            # replaced by the state dict below; on a hospital network the download fails.
+            parser["network_def#pretrained"] = False
         net: torch.nn.Module = parser.get_parsed_content("network_def")
         state = torch.load(info.weights, map_location=self.device, weights_only=True)
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

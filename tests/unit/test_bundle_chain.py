@@ -200,3 +200,26 @@ def test_fast_only_refuses_what_the_fast_path_does_not_reproduce(tmp_path: Path)
     with pytest.raises(ModelSpecError, match=NOT_REPRODUCED[0][1]) as caught:
         read_bundle(folder)
     assert "own chain" not in str(caught.value)
+
+
+def test_pretrained_backbone_weights_are_not_downloaded(tmp_path: Path) -> None:
+    """breast_density's network_def asks for ImageNet weights (``pretrained: true``);
+    they would be replaced by models/model.pt anyway, and the download fails offline."""
+    from monai.networks.nets import DenseNet121
+
+    from tests import model_zoo as zoo
+
+    network_def = {"_target_": "DenseNet121", "spatial_dims": 2, "in_channels": 3,
+                   "out_channels": 4, "pretrained": True}  # fmt: skip
+    classes = [{"name": c, "finding": {"value": "129715009", "meaning": c}} for c in "ABCD"]
+    bundle = zoo.make_bundle(
+        "breast_density_classification", tmp_path / "density", network_def,
+        spec={"task": "classification", "input": "image", "classes": classes,
+              "activation": "sigmoid"},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    weights = DenseNet121(spatial_dims=2, in_channels=3, out_channels=4).state_dict()
+    torch.save(weights, bundle / "models" / "model.pt")
+    runner = NetworkRunner(read_bundle(bundle))
+    loaded = runner.net.state_dict()
+    assert all(torch.equal(loaded[k].cpu(), v) for k, v in weights.items())
