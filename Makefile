@@ -8,14 +8,14 @@ BIN := $(VENV)/bin
 CONFIG ?= config.yaml
 
 RUN_DEBS := redis-server
-TEST_DEBS := redis-server dcmtk dicom3tools orthanc invesalius-examples mricron-data
+TEST_DEBS := redis-server dcmtk dicom3tools orthanc invesalius-examples mricron-data chromium nodejs
 
-.PHONY: run test install install-test system-deps-run system-deps-test lint clean
+.PHONY: run test install install-test system-deps-run system-deps-test viewer-deps lint clean
 
 run: install system-deps-run
 	$(BIN)/pacsnode run --config $(CONFIG)
 
-test: install-test system-deps-test lint
+test: install-test system-deps-test viewer-deps lint
 	$(BIN)/pytest -n 2 -m "not serial"
 	$(BIN)/pytest -m serial
 
@@ -42,5 +42,12 @@ system-deps-run:
 system-deps-test:
 	@./scripts/system-deps.sh $(TEST_DEBS)
 
+# The viewer harness (tests/viewer): cornerstone3D at the versions OHIF pins and the
+# latest 5.x, esbuild and puppeteer-core, exactly as the lock files say.
+viewer-deps:
+	@for dir in tests/viewer tests/viewer/cs-5.6.8 tests/viewer/cs-5.14.0; do \
+		(cd $$dir && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache *.egg-info tests/viewer/node_modules tests/viewer/cs-*/node_modules

@@ -179,6 +179,20 @@ def _derive_dimension_organization_uid(
             item.DimensionOrganizationUID = derived
 
 
+def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
+    """Remove the "Background" item (segment number 0) highdicom puts first in a
+    LABELMAP SEG's SegmentSequence.
+
+    Pixel Padding Value 0 already says that 0 is background (PS3.3 C.8.20.2, label-map
+    segmentations), so the item is optional; with it, cornerstone3D up to at least 5.6.8
+    (OHIF 3.13) lists segments by their position in the sequence, and every segment is
+    shown under its predecessor's name and colour (tests/viewer).
+    """
+    items = list(seg.SegmentSequence)
+    if items and int(items[0].SegmentNumber) == 0 and seg.get("PixelPaddingValue") == 0:
+        seg.SegmentSequence = items[1:]
+
+
 def build_seg(
     series: LoadedSeries,
     label_map: npt.NDArray[np.integer],
@@ -296,6 +310,8 @@ def build_seg(
         omit_empty_frames=omit_empty_frames and bool(np.any(pixel_array)),
     )
     _derive_dimension_organization_uid(seg, uids, variant)
+    if seg_type == "labelmap":
+        _drop_background_segment(seg)
     if seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
         # Writing the per-frame functional groups is a third of the time to a file.
         prepare_fast_write(seg, "PerFrameFunctionalGroupsSequence")
