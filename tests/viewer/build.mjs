@@ -1,13 +1,14 @@
-// Bundle harness.js for the browser with one cornerstone version's node_modules:
-//   node build.mjs cs-5.6.8 out.js
+// Bundle harness.js (or another entry, e.g. render.js) for the browser with one
+// cornerstone version's node_modules:
+//   node build.mjs cs-5.6.8 out.js [render.js]
 import { build } from 'esbuild';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const [version, outfile] = process.argv.slice(2);
+const [version, outfile, entry = 'harness.js'] = process.argv.slice(2);
 await build({
-  entryPoints: [path.join(here, 'harness.js')],
+  entryPoints: [path.join(here, entry)],
   bundle: true,
   format: 'iife',
   outfile,
