@@ -45,6 +45,8 @@ system-deps-test:
 # The viewer harness (tests/viewer): cornerstone3D at the versions OHIF pins and the
 # latest 5.x, esbuild and puppeteer-core, exactly as the lock files say.
 viewer-deps:
+	@# Debian's nodejs comes without npm (a separate package); NodeSource's includes it.
+	@command -v npm >/dev/null || ./scripts/system-deps.sh npm
 	@for dir in tests/viewer tests/viewer/cs-5.6.8 tests/viewer/cs-5.14.0; do \
 		(cd $$dir && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error) || exit 1; \
 	done

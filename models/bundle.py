@@ -349,6 +349,14 @@ def _declared_labels(spec: ModelSpec, spec_path: Path) -> tuple[LabelSpec, ...]:
     )
 
 
+def _input_channels(metadata: dict[str, Any]) -> int:
+    """``network_data_format.inputs.image.num_channels`` (1 when absent)."""
+    try:
+        return int(metadata["network_data_format"]["inputs"]["image"]["num_channels"])
+    except (KeyError, TypeError, ValueError):
+        return 1
+
+
 def _labels(
     spec: ModelSpec, channels: dict[int, str] | None, metadata_path: Path, spec_path: Path
 ) -> tuple[LabelSpec, ...]:
@@ -452,6 +460,7 @@ def read_bundle(path: Path) -> NetworkInfo:
         "classes": tuple(entry.to_class_spec() for entry in spec.classes),
         "weights": weights,
         "state_dict_network": network,
+        "input_channels": _input_channels(metadata),
     }
     refusal: str | None = None
     if spec.label_values == "declared":

@@ -193,7 +193,7 @@ class BundleChain:
         if (problem := chain_problems(inference, inference_path)) is not None:
             raise ModelSpecError(problem)
         self.reader = _reader_class()()
-        self.reader.channels = _input_channels(info.path)
+        self.reader.channels = info.input_channels
         self.reader.image = info.spec.input == InputKindValues.IMAGE
         config = inference  # read for this chain alone: changed in place
         load = load_transform_index(config)
@@ -347,13 +347,3 @@ def _single_key(keys: Any) -> str:
     if isinstance(keys, list | tuple) and len(keys) == 1:
         return str(keys[0])
     raise ModelSpecError(f"LoadImaged keys {keys!r}: pacsnode gives a bundle one image")
-
-
-def _input_channels(path: Path) -> int:
-    """``network_data_format.inputs.image.num_channels`` of the bundle's metadata (1 when
-    absent): a grey series is repeated into that many channels."""
-    try:
-        metadata = json.loads((path / "configs" / "metadata.json").read_text(encoding="utf-8"))
-        return int(metadata["network_data_format"]["inputs"]["image"]["num_channels"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 1

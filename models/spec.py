@@ -321,6 +321,9 @@ class NetworkInfo(BaseModel):
     #: (:mod:`models.bundle_chain`); ``fast_path_refusal`` says why not the fast one.
     chain: Literal["fast", "bundle"] = "fast"
     fast_path_refusal: str | None = None
+    #: The bundle's ``inputs.image.num_channels``: a grey series is repeated into that
+    #: many channels for its own chain.
+    input_channels: int = 1
 
     @property
     def task(self) -> Literal["segmentation", "classification"]:

@@ -373,7 +373,6 @@ def _predictions_by_running(
     """For a study under ``folder``: the series the model takes, its label map from
     running the model here, and label name -> value."""
     from models.registry import get_segmentation_model
-    from workers.contract import InputSeries, Manifest
     from workers.pipeline import stack_inputs
     from workers.series import load_series
 
@@ -388,14 +387,7 @@ def _predictions_by_running(
         series = load_series(taken.paths)
         volume = series.volume
         if taken.other_inputs:  # a multi-series model: its inputs as the worker stacks them
-            manifest = Manifest.of_files(str(series.datasets[0].SeriesInstanceUID), taken.paths)
-            others = tuple(
-                InputSeries(name=name, series_instance_uid=name,
-                            instances=Manifest.of_files(name, paths).instances)
-                for name, paths in taken.other_inputs.items()
-            )  # fmt: skip
-            manifest = manifest.model_copy(update={"other_inputs": others})
-            volume, _ = stack_inputs(manifest, series, segmenter)
+            volume, _ = stack_inputs(series, taken.other_inputs, segmenter)
         labels = segmenter.predict(volume)
         return series, labels, {spec.name: spec.value for spec in segmenter.labels}
 

@@ -22,12 +22,11 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 
-from models.base import InputKindValues, OrientationValues, orientation_of
+from models.base import InputKindValues, Model, OrientationValues, orientation_of
 from models.registry import get_model_class
 from node.completeness import missing_slices
 from node.config import Rule
@@ -133,9 +132,9 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
     for model, fitting in runnable.items():
         if _per_image(model):
             continue
-        inputs = get_model_class(model).inputs
-        if inputs:
-            _assign_inputs(model, inputs, fitting, plans)
+        cls = get_model_class(model)
+        if cls.inputs:
+            _assign_inputs(cls, fitting, plans)
             continue
         best = max(fitting, key=SeriesCandidate.fitness)
         for other in fitting:
@@ -153,17 +152,14 @@ def plan_study(candidates: list[SeriesCandidate], rules: list[Rule]) -> dict[str
 
 
 def _assign_inputs(
-    model: str,
-    inputs: dict[str, dict[str, Any]],
-    fitting: list[SeriesCandidate],
-    plans: dict[str, SeriesPlan],
+    cls: type[Model], fitting: list[SeriesCandidate], plans: dict[str, SeriesPlan]
 ) -> None:
     """Give each input of a multi-series model the best-fitting series of the study that
     matches it (a series serves one input). The job runs on the reference input's series
     and names the others; every other series the rules sent to the model is skipped,
     saying which input it serves or why it serves none. An input without a series skips
     them all, naming it."""
-    cls = get_model_class(model)
+    model, inputs = cls.name, cls.inputs
     conditions = input_conditions(inputs)
     assigned: dict[str, SeriesCandidate] = {}
     for name, match in conditions.items():

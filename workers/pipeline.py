@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -195,7 +195,11 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
         series = load_series(paths)
         volume, other_inputs = series.volume, list[LoadedSeries]()
         if model.inputs:
-            volume, other_inputs = stack_inputs(request.manifest, series, model)
+            others = {
+                other.name: [Path(i.path) for i in other.instances]
+                for other in request.manifest.other_inputs
+            }
+            volume, other_inputs = stack_inputs(series, others, model)
     except SeriesError as exc:
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
@@ -245,7 +249,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
 
 
 def stack_inputs(
-    manifest: Manifest, reference: LoadedSeries, model: SegmentationModel
+    reference: LoadedSeries, other_inputs: Mapping[str, Iterable[Path]], model: SegmentationModel
 ) -> tuple[Volume, list[LoadedSeries]]:
     """A multi-series model's input: each input series loaded and resampled onto the
     reference series' grid, stacked as channels in the model's input order; and the
@@ -254,11 +258,11 @@ def stack_inputs(
     Raises
     ------
     SeriesError
-        If an input is missing from the manifest or lies in another frame of reference.
+        If an input is missing or lies in another frame of reference.
     """
-    loaded = {manifest.reference_input or model.reference_input: reference}
-    for other in manifest.other_inputs:
-        loaded[other.name] = load_series(Path(i.path) for i in other.instances)
+    loaded = {str(model.reference_input): reference}
+    for name, paths in other_inputs.items():
+        loaded[name] = load_series(paths)
     missing = [name for name in model.inputs if name not in loaded]
     if missing:
         raise SeriesError(f"the job has no series for input(s) {', '.join(missing)}")
