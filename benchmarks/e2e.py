@@ -4,10 +4,12 @@ results received by dcmtk's storescp.
 Usage::
 
     python benchmarks/e2e.py [--slices 300] [--size 512] [--repeat 2] [--quiet 1.0]
+                             [--models ct-tissue,standin] [--standin-seconds 0.3]
 
 A chest phantom of ``--slices`` x ``--size`` x ``--size`` is written once per run (a new
-study each time) and sent to a node (embedded Redis and worker, rule: CT -> ct-tissue ->
-the storescp). Times come from the node's state DB (when the series' last instance
+study each time) and sent to a node (embedded Redis and worker, rule: CT -> the model ->
+the storescp), for ct-tissue and for the stand-in (:mod:`tests.standin`, a model that
+takes a set time like a network on a GPU). Times come from the node's state DB (when the series' last instance
 arrived, when the job was created and dispatched, when its results were collected), the
 worker's own stage times in the job's outcome, storescu's end and the storescp's files.
 
@@ -34,9 +36,10 @@ from pydicom import dcmread
 
 from node.state import Job, JobStateValues, StateDB
 from tests.dicom_factory import chest_phantom, write_ct_series
-from tests.integration.conftest import ct_node_config
+from tests.integration.conftest import CT_RULE, ct_node_config
 from tests.node_process import NODE_AE_TITLE, NodeProcess
 from tests.peers import StoreSCP, run_storescu, wait_for
+from tests.standin import STANDIN_MODEL, install_standin
 
 STAGES = (
     "quiet period (last instance -> job created)",
@@ -97,38 +100,57 @@ def one_run(node: NodeProcess, destination: StoreSCP, folder: Path, slices: int,
     }
 
 
+def model_runs(
+    work: Path, dest: StoreSCP, model: str, args: argparse.Namespace
+) -> list[dict[str, float]]:
+    """``--repeat`` studies through a node running ``model``, after one to warm it up."""
+    install_standin(work / "models", args.standin_seconds)
+    config = ct_node_config(
+        work / "data", dest, quiet_seconds=args.quiet, models_dir=str(work / "models")
+    )
+    config["rules"] = [dict(CT_RULE, models=[model])]
+    runs = []
+    with NodeProcess(work / "node", config) as node:
+        for run in range(args.repeat + 1):  # the first warms the worker up
+            figures = one_run(node, dest, work / f"ct{run}", args.slices, args.size, f"E2E{run}")
+            if run:
+                runs.append(figures)
+    return runs
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--quiet", type=float, default=1.0, help="completion.quiet_seconds")
+    parser.add_argument("--models", default=f"ct-tissue,{STANDIN_MODEL}")
+    parser.add_argument("--standin-seconds", type=float, default=0.3)
     args = parser.parse_args()
     os.environ.setdefault("TCP_NODELAY", "1")  # dcmtk stalls ~44 ms per C-STORE without it
-    runs = []
+    by_model = {}
     with (
         tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp,
         StoreSCP(ae_title="DESTPACS") as dest,
     ):
-        work = Path(tmp)
-        config = ct_node_config(work / "data", dest, quiet_seconds=args.quiet)
-        with NodeProcess(work / "node", config) as node:
-            for run in range(args.repeat + 1):  # the first warms the worker up
-                figures = one_run(
-                    node, dest, work / f"ct{run}", args.slices, args.size, f"E2E{run}"
-                )
-                if run:
-                    runs.append(figures)
+        for model in args.models.split(","):
+            by_model[model] = model_runs(Path(tmp) / model, dest, model, args)
     print(f"{platform.node()}: {os.cpu_count()} CPUs, python {platform.python_version()}")
-    print(f"{args.slices}x{args.size}x{args.size} CT, ct-tissue, quiet period {args.quiet} s, "
-          f"median of {len(runs)} runs after a warm-up")  # fmt: skip
-    for name in runs[0]:
+    print(f"{args.slices}x{args.size}x{args.size} CT, quiet period {args.quiet} s, stand-in "
+          f"{args.standin_seconds} s; median of {args.repeat} runs after a warm-up")  # fmt: skip
+    models = list(by_model)
+    print(f"  {'stage':<66} " + " ".join(f"{m:>10}" for m in models))
+    for name in by_model[models[0]][0]:
         if name == "inference":
             continue
-        print(f"  {name:<66} {statistics.median(r[name] for r in runs):7.2f} s")
-    overhead = [r[TOTAL] - args.quiet - r["inference"] for r in runs]
+        cells = [statistics.median(r[name] for r in by_model[m]) for m in models]
+        print(f"  {name:<66} " + " ".join(f"{c:>8.2f} s" for c in cells))
+    overheads = [
+        statistics.median(r[TOTAL] - args.quiet - r["inference"] for r in by_model[m])
+        for m in models
+    ]
     print(f"  {'overhead (total - quiet period - inference); bar 1 s':<66} "
-          f"{statistics.median(overhead):7.2f} s")  # fmt: skip
+          + " ".join(f"{c:>8.2f} s" for c in overheads))  # fmt: skip
     return 0
 
 

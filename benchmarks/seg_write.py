@@ -15,7 +15,7 @@ only names and codes the segments.
 
 Three writers turn the mask into a BINARY DICOM Segmentation of the series:
 
-- pacsnode: ``workers.seg.build_seg`` (construct), then ``workers.storage.write_dataset_atomic``
+- pacsnode: ``workers.seg.build_seg`` (construct), then ``workers.seg.write_seg``
   (save: temporary file, fsync, rename, folder fsync), in this process. Both are looked up
   through their modules at call time, so later changes to pacsnode's writer are measured.
   Each run's time is split by clocks wrapped around ``workers.seg.present_labels``,
@@ -323,9 +323,8 @@ def pacsnode_clocks(spans: dict[str, float]) -> Iterator[None]:
 def pacsnode_write(
     series: LoadedSeries, mask: npt.NDArray[np.uint8], model: BenchModel, path: Path
 ) -> Timing:
-    """``build_seg`` then ``write_dataset_atomic``, each looked up through its module now."""
+    """``build_seg`` then ``write_seg``, each looked up through its module now."""
     from workers import seg as seg_module
-    from workers import storage as storage_module
     from workers.uids import ResultUids
 
     uids = ResultUids.for_job(
@@ -336,7 +335,7 @@ def pacsnode_write(
         start = time.perf_counter()
         seg, _segments = seg_module.build_seg(series, mask, model, uids)
         built = time.perf_counter()
-        storage_module.write_dataset_atomic(seg, path)
+        seg_module.write_seg(seg, path)
         end = time.perf_counter()
     return Timing(end - start, built - start, end - built, spans)
 

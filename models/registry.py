@@ -1,17 +1,21 @@
 """Model registry: models register themselves by decorator and are looked up by name.
 
 Built in: the Python models of ``_BUILTIN_MODULES`` and the demonstration network models
-shipped in ``models/bundles/``. Beside them, every model folder in the configured models
-folder (config.yaml ``models_dir``, :func:`use_models_dir`): a MONAI bundle, or a
-TorchScript file with a ``pacsnode.yaml`` (:mod:`models.network`). Folders are discovered
-once, on first use, and again only on :func:`reload_models` (``SIGHUP`` to the node, or a
+shipped in ``models/bundles/``. Beside them, what the configured models folder holds
+(config.yaml ``models_dir``, :func:`use_models_dir`): every model folder (a MONAI bundle,
+or a TorchScript or ONNX file with a ``pacsnode.yaml``, :mod:`models.network`; or a
+``model.py`` whose ``@register_model`` classes become models). The folder is read once,
+on first use, and again only on :func:`reload_models` (``SIGHUP`` to the node, or a
 restart); a lookup never lists folders.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +65,11 @@ class _Folders:
 
     models_dir: Path | None = None
     discovered = False
-    #: Model name -> the folder it came from (shipped bundles and ``models_dir``).
+    #: Model name -> the folder or Python file it came from (shipped bundles and
+    #: ``models_dir``).
     origins: dict[str, Path] = {}
-    #: Folders that could not be registered, and why (a name taken by another model).
+    #: Folders and Python files that could not be registered, and why (a name taken by
+    #: another model, a file that does not import).
     refused: dict[Path, str] = {}
 
 
@@ -113,6 +119,8 @@ def _discover() -> None:
     folders = [BUNDLES_DIR]
     if _Folders.models_dir is not None and _Folders.models_dir.resolve() != BUNDLES_DIR:
         folders.append(_Folders.models_dir)
+    if _Folders.models_dir is not None:
+        _import_python_models(_Folders.models_dir)
     for folder in folders:
         for cls in discover_network_models(folder):
             path = cls.model_dir
@@ -127,9 +135,52 @@ def _discover() -> None:
     _Folders.discovered = True
 
 
+PYTHON_MODEL_FILE = "model.py"
+
+
+def _import_python_models(folder: Path) -> None:
+    """Run the ``model.py`` of each model folder as a module of its own; the classes it
+    registers are models from that file. A file that fails to import, or registers a
+    name already taken, is refused with the reason (its other classes are dropped)."""
+    try:
+        files = sorted(p.resolve() for p in folder.glob(f"*/{PYTHON_MODEL_FILE}") if p.is_file())
+    except OSError:
+        return  # discover_network_models reports an unreadable folder
+    for path in files:
+        before = dict(_MODEL_CLASSES)
+        module_name = f"pacsnode_models.{path.parent.name}"
+        try:
+            spec = importlib.util.spec_from_file_location(module_name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError("not a Python module")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # dataclasses and pickling look it up
+            spec.loader.exec_module(module)
+        except Exception as exc:  # noqa: BLE001 - any error in an admin's file is its problem
+            sys.modules.pop(module_name, None)
+            for name in set(_MODEL_CLASSES) - set(before):
+                del _MODEL_CLASSES[name]
+            _Folders.refused[path] = f"{path}: cannot be imported: {type(exc).__name__}: {exc}"
+            logger.error("%s; file not used", _Folders.refused[path])
+            continue
+        for name in set(_MODEL_CLASSES) - set(before):
+            _Folders.origins[name] = path
+
+
 def model_fingerprints() -> dict[str, str]:
-    """Model name -> :meth:`models.base.Model.fingerprint`, for noticing changed files."""
-    return {name: cls.fingerprint() for name, cls in available_models().items()}
+    """Model name -> :meth:`models.base.Model.fingerprint`, for noticing changed files
+    (for a model from a Python file, the file's digest too)."""
+    fingerprints = {}
+    for name, cls in available_models().items():
+        fingerprints[name] = cls.fingerprint()
+        origin = _Folders.origins.get(name)
+        if origin is not None and origin.name == PYTHON_MODEL_FILE:
+            try:
+                digest = hashlib.sha256(origin.read_bytes()).hexdigest()
+            except OSError:
+                digest = "unreadable"
+            fingerprints[name] += f" file:{digest}"
+    return fingerprints
 
 
 def checkpoint() -> tuple[object, ...]:

@@ -2,7 +2,9 @@
 
 Stages run in order on each tick of the main loop (complete -> route -> dispatch ->
 collect); the SCP and the sender run on their own threads because they wait on the
-network. Start-up first reconciles: it records spooled files the DB missed, requeues
+network. No stage waits for a fixed tick: the loop wakes when the first receiving series
+falls quiet, polls the result backend often while jobs are in flight, and wakes the
+sender as soon as a job's results are recorded. Start-up first reconciles: it records spooled files the DB missed, requeues
 unfinished jobs, and lets completeness re-check every series still receiving. SIGHUP
 reads the model folders and config.yaml again (:meth:`Node._reload`).
 """
@@ -37,7 +39,10 @@ __all__ = ["Node", "recover_spool"]
 
 logger = logging.getLogger(__name__)
 
+#: The longest the main loop and the sender sleep (a retry coming due, a reload).
 _TICK_SECONDS = 0.5
+#: How often the main loop asks the result backend while jobs are queued or running.
+_COLLECT_SECONDS = 0.05
 #: Settings the SCP and the child processes start with: SIGHUP leaves them for a restart.
 _RESTART_KEYS = ("node", "peers", "accept_unknown_peers", "completion", "broker", "worker",
                  "models_dir")  # fmt: skip
@@ -110,6 +115,8 @@ class Node:
         configure_celery(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
         self.dispatcher = Dispatcher(config, self.db, celery_app)
         self.sender = Sender(config, self.db)
+        #: Set when deliveries may have come due (results recorded), or to stop.
+        self.wake_sender = threading.Event()
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested.set()
@@ -189,11 +196,12 @@ class Node:
         sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender_thread.start()
         try:
-            while not self.stopping.wait(_TICK_SECONDS):
+            while not self.stopping.wait(self._next_tick_in()):
                 self._tick()
         finally:
             logger.info("stopping: SCP")
             server.shutdown()
+            self.wake_sender.set()
             sender_thread.join(timeout=self.config.delivery.network_timeout_seconds + 5)
             if self.worker is not None:
                 self.worker.stop()
@@ -212,14 +220,33 @@ class Node:
             if self.worker is not None and self.worker.check():
                 self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
             self.dispatcher.dispatch_pending()
-            self.dispatcher.collect()
+            if self.dispatcher.collect():
+                self.wake_sender.set()
         except Exception:
             # A broker outage or a DB hiccup must not stop the SCP; the next tick retries.
             logger.exception("pipeline tick failed; retrying")
             time.sleep(_TICK_SECONDS)
 
+    def _next_tick_in(self) -> float:
+        """Seconds until the main loop has work: soon while jobs are in flight, else when
+        the first receiving series falls quiet (at most :data:`_TICK_SECONDS`)."""
+        try:
+            if self.db.jobs_in_flight():
+                return _COLLECT_SECONDS
+            deadline = self.db.next_quiet_deadline(self.config.completion.quiet_seconds)
+        except Exception:
+            logger.exception("cannot read the state DB; retrying")
+            return _TICK_SECONDS
+        if deadline is None:
+            return _TICK_SECONDS
+        return min(_TICK_SECONDS, max(deadline - time.time() + 0.001, 0.0))
+
     def _send_loop(self) -> None:
-        while not self.stopping.wait(_TICK_SECONDS):
+        while not self.stopping.is_set():
+            self.wake_sender.wait(_TICK_SECONDS)
+            self.wake_sender.clear()
+            if self.stopping.is_set():
+                return
             try:
                 self.sender.tick()
             except Exception:

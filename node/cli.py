@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
+import os
+import shutil
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -67,21 +71,36 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_BAD_CONFIG
     import torch
+    from celery.signals import worker_process_init
 
     from node.services import broker_url
-    from workers.celery_app import app, configure
+    from workers.celery_app import app, configure, prepare_job_process
     from workers.series import owned_cores
+    from workers.stages import STAGES
+    from workers.stages import configure as configure_stages
 
-    concurrency = config.worker.concurrency
-    if "gpu" in args.queue.split(",") and torch.cuda.is_available() and concurrency > 1:
+    # NVML, not a CUDA context, answers whether there is a GPU: job processes forked
+    # after CUDA was initialised here could not use it.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    lanes = config.worker.concurrency
+    if "gpu" in args.queue.split(",") and torch.cuda.is_available() and lanes > 1:
         # Jobs on one GPU only compete for its memory; one at a time, one worker per GPU.
-        logger.warning("worker on the gpu queue with a GPU runs one job at a time")
-        concurrency = 1
-    torch.set_num_threads(max(1, owned_cores() // concurrency))
+        logger.warning("worker on the gpu queue with a GPU runs one model at a time")
+        lanes = 1
+    threads = max(1, owned_cores() // lanes)
+    torch.set_num_threads(threads)
     configure(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
-    pool = ["--pool", "solo"] if concurrency == 1 else [
-        "--pool", "prefork", "--concurrency", str(concurrency)
-    ]  # fmt: skip
+    if config.worker.overlap:
+        # Lock files for the stage slots, made before the job processes fork.
+        stage_dir = Path(tempfile.mkdtemp(prefix="pacsnode-stages-"))
+        atexit.register(shutil.rmtree, stage_dir, True)
+        configure_stages(stage_dir, lanes)
+    processes = lanes * len(STAGES) if config.worker.overlap else lanes
+    if processes > 1:
+        worker_process_init.connect(lambda **_: prepare_job_process(threads), weak=False)
+        pool = ["--pool", "prefork", "--concurrency", str(processes), "-O", "fair"]
+    else:
+        pool = ["--pool", "solo"]
     app.worker_main(
         [
             "worker",

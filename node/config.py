@@ -173,6 +173,10 @@ class WorkerSettings(_Frozen):
     """Workers started by ``pacsnode run`` (embedded) or ``pacsnode worker``."""
 
     concurrency: int = Field(default=1, ge=1)
+    """Jobs whose models run at once (one per GPU whatever this says)."""
+    overlap: bool = True
+    """Overlap each model's job with the loading of the next and the writing of the
+    previous one (three job processes per model slot, :mod:`workers.stages`)."""
     job_timeout_seconds: float = Field(default=3600.0, gt=0)
     """A job running longer than this is dispatched again (the worker is presumed lost)."""
     max_attempts: int = Field(default=3, ge=1)

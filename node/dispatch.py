@@ -132,6 +132,7 @@ class Dispatcher:
             revision=predecessor.revision + 1 if predecessor is not None else 1,
             predecessor=predecessor,
             rejections=rejections,
+            created_at=time.time(),
         )
 
     def _outputs(self, job: Job) -> OutputRequest:
@@ -145,10 +146,12 @@ class Dispatcher:
         }
         return OutputRequest.for_destinations(profiles, **self.config.results.model_dump())
 
-    def collect(self) -> None:
-        """Record the outcome of every queued or running job that has one."""
+    def collect(self) -> int:
+        """Record the outcome of every queued or running job that has one; returns how
+        many jobs settled (their deliveries may be due)."""
         now = time.time()
-        for job in self.db.jobs([JobStateValues.QUEUED, JobStateValues.RUNNING]):
+        settled = 0
+        for job in self.db.jobs_in_flight():
             if job.task_id is None:
                 self.db.mark_job_pending(job.id, "lost its task id")
                 continue
@@ -157,12 +160,16 @@ class Dispatcher:
             if state == "STARTED" and job.state == JobStateValues.QUEUED:
                 self.db.mark_job_running(job.id)
             elif state == "SUCCESS":
-                self._record_success(job, result.result)
+                full = self.db.job(job.id)
+                if full is not None:
+                    self._record_success(full, result.result)
+                    settled += 1
                 result.forget()
             elif state == "FAILURE":
                 error = result.result
                 self.db.mark_job_failed(job.id, f"worker error: {type(error).__name__}: {error}")
                 result.forget()
+                settled += 1
             elif (
                 job.state == JobStateValues.RUNNING
                 and job.dispatched_at is not None
@@ -173,6 +180,7 @@ class Dispatcher:
                     f"no result after {self.config.worker.job_timeout_seconds:.0f} s "
                     "(worker presumed lost)",
                 )
+        return settled
 
     def _record_success(self, job: Job, returned: Any) -> None:
         try:

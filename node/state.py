@@ -31,6 +31,7 @@ __all__ = [
     "Delivery",
     "DeliveryStateValues",
     "Job",
+    "JobInFlight",
     "JobStateValues",
     "PlannedJob",
     "Receipt",
@@ -209,6 +210,16 @@ class SeriesRecord:
     gap_waits: int
     state: SeriesStateValues
     reason: str | None
+
+
+@dataclass(frozen=True)
+class JobInFlight:
+    """A queued or running job as the collector polls it."""
+
+    id: int
+    state: JobStateValues
+    task_id: str | None
+    dispatched_at: float | None
 
 
 @dataclass(frozen=True)
@@ -560,6 +571,16 @@ class StateDB:
         )
         return [_series(row) for row in rows]
 
+    def next_quiet_deadline(self, quiet_seconds: float) -> float | None:
+        """When the first series still receiving falls quiet, if nothing more arrives
+        (epoch seconds); None when no series is receiving."""
+        rows = self._query(
+            "SELECT MIN(last_received) AS first FROM series WHERE state = ?",
+            (SeriesStateValues.RECEIVING,),
+        )
+        first = rows[0]["first"] if rows else None
+        return None if first is None else float(first) + quiet_seconds
+
     def series_of_study(self, study_instance_uid: str) -> list[SeriesRecord]:
         rows = self._query(
             "SELECT * FROM series WHERE study_instance_uid = ? ORDER BY first_received",
@@ -755,6 +776,19 @@ class StateDB:
     def job(self, job_id: int) -> Job | None:
         rows = self._query("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return _job(rows[0]) if rows else None
+
+    def jobs_in_flight(self) -> list[JobInFlight]:
+        """Queued and running jobs, without their manifests and requests (read often)."""
+        rows = self._query(
+            "SELECT id, state, task_id, dispatched_at FROM jobs WHERE state IN (?, ?) ORDER BY id",
+            (JobStateValues.QUEUED, JobStateValues.RUNNING),
+        )
+        return [
+            JobInFlight(
+                row["id"], JobStateValues(row["state"]), row["task_id"], row["dispatched_at"]
+            )
+            for row in rows
+        ]
 
     def jobs(self, states: Sequence[JobStateValues] | None = None) -> list[Job]:
         if states is None:

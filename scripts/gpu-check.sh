@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue #3, in one run on the lent machine (about 5 minutes):
+# The GPU checks of issues #3 and #10, in one run on the lent machine (5-8 minutes):
 #   run(command="bash scripts/gpu-check.sh", carry=[".whl"], timeout_s=540)
 # after scripts/gpu-wheels.sh here. Prints the GPU, checks that the bundle path gives the
 # same labels on CUDA (bf16 too) as on the CPU, and runs benchmarks/inference.py on a
@@ -20,3 +20,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 python3 benchmarks/gpu_agreement.py 2>&1 | tee "$OUT/agreement.txt"
 python3 benchmarks/inference.py --slices 320 --repeat 3 --unet-precision bf16 2>&1 \
     | tee "$OUT/inference.txt"
+if [ -x /usr/bin/storescu ] && [ -x /usr/bin/storescp ]; then
+    export TCP_NODELAY=1
+    python3 benchmarks/e2e.py --slices 300 --repeat 2 2>&1 | tee "$OUT/e2e.txt"
+    python3 benchmarks/throughput.py --studies 20 --slices 150 --models standin 2>&1 \
+        | grep -v "^{" | tee "$OUT/throughput.txt"
+else
+    echo "no dcmtk here: end-to-end latency and throughput not measured" | tee "$OUT/e2e.txt"
+fi

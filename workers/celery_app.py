@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import signal
+
 from celery import Celery
 
-__all__ = ["app", "configure"]
+__all__ = ["app", "configure", "prepare_job_process"]
+
+_PR_SET_PDEATHSIG = 1
 
 app = Celery("pacsnode")
 
@@ -33,3 +38,13 @@ def configure(broker_url: str, *, job_timeout_seconds: float) -> None:
         result_expires=7 * 24 * 3600,
         imports=["workers.tasks"],
     )
+
+
+def prepare_job_process(torch_threads: int) -> None:
+    """Set up a job process of a prefork worker, just after it forked: it dies with the
+    worker (a worker killed with SIGKILL must not leave jobs running that nobody
+    collects), and torch uses its share of the cores."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    import torch
+
+    torch.set_num_threads(torch_threads)

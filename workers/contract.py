@@ -162,6 +162,9 @@ class JobRequest(_Frozen):
     #: Destination -> the earlier version's objects it holds, to be withdrawn by an IHE
     #: IOCM rejection note (config.yaml ``supersede: rejection_note``).
     rejections: dict[str, tuple[ResultInstance, ...]] = Field(default_factory=dict)
+    #: When the node made the request (epoch seconds): the results' creation and content
+    #: time, so that running the request again writes the same bytes.
+    created_at: float | None = None
 
     @property
     def result_key(self) -> str:
@@ -184,6 +187,9 @@ class JobOutcome(_Frozen):
     measurements: tuple[dict[str, Any], ...] = ()
     findings: tuple[dict[str, Any], ...] = ()
     timings_s: dict[str, float] = Field(default_factory=dict)
+    #: Stage (``load``, ``model``, ``write``, :mod:`workers.stages`) -> when the job
+    #: took it, and ``done``: when it finished (epoch seconds; a job's timeline).
+    stages_at: dict[str, float] = Field(default_factory=dict)
     #: Destination -> the rejection note written for it (a file in ``files`` too).
     rejection_notes: dict[str, str] = Field(default_factory=dict)
 

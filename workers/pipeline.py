@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ from workers.contract import JobOutcome, JobRequest, Manifest, ResultInstance, f
 from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
 from workers.overlays import KeyImage, build_overlay_images, key_images
 from workers.rejection import build_rejection_note
-from workers.seg import SegmentInfo, build_seg, plan_segments
+from workers.seg import SegmentInfo, build_seg, plan_segments, write_seg
 from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import LoadedSeries, SeriesError, load_images, load_series, resample_onto
 from workers.sr import SegmentMeasurement, build_classification_sr, build_sr, measure_segments
+from workers.stages import JobStages, job_stages
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
@@ -93,9 +95,29 @@ def _result(ds: Dataset, path: Path) -> ResultInstance:
     )
 
 
-def _write(ds: Dataset, path: Path) -> ResultInstance:
+def _stamp(ds: Dataset, created: datetime | None) -> None:
+    """Date the object by its job's request instead of the clock (highdicom's default),
+    so that the same request always writes the same bytes: a job run again after a
+    crash re-sends objects identical to any its destinations already hold."""
+    if created is None:
+        return
+    date, time_of_day = created.strftime("%Y%m%d"), created.strftime("%H%M%S.%f")
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time_of_day
+    if "ContentDate" in ds:
+        ds.ContentDate, ds.ContentTime = date, time_of_day
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time_of_day
+
+
+def _write(ds: Dataset, path: Path, created: datetime | None) -> ResultInstance:
+    _stamp(ds, created)
     write_dataset_atomic(ds, path)
     return _result(ds, path)
+
+
+def _created(request: JobRequest) -> datetime | None:
+    return None if request.created_at is None else datetime.fromtimestamp(request.created_at)
 
 
 def _predecessors(reports: Sequence[ResultInstance], sr_file_name: str) -> list[Dataset]:
@@ -122,20 +144,27 @@ def run_job(request: JobRequest) -> JobOutcome:
     misplaced is a failed outcome with the reason, for the node to record; anything
     unexpected is logged and raised. A model that finds nothing is a result
     (``empty``): the SR says so.
+
+    Each step runs in its stage (:mod:`workers.stages`), so that an overlapping worker
+    loads the next job and writes the previous one while this one has the model.
     """
-    started = time.perf_counter()
-    try:
-        paths = verify_manifest(request.manifest)
-    except ManifestError as exc:
-        return _failed(request.job_id, str(exc))
-    verified = time.perf_counter() - started
-    model = get_model(request.model)
-    if isinstance(model, ClassificationModel):
-        outcome = _classify(request, model, paths)
-    elif isinstance(model, SegmentationModel):
-        outcome = _segment(request, model, paths)
-    else:
-        raise TypeError(f"model {model.name} is neither a segmentation nor a classification model")
+    with job_stages() as stages:
+        stages.enter("load")
+        started = time.perf_counter()
+        try:
+            paths = verify_manifest(request.manifest)
+        except ManifestError as exc:
+            return _failed(request.job_id, str(exc))
+        verified = time.perf_counter() - started
+        model = get_model(request.model)
+        if isinstance(model, ClassificationModel):
+            outcome = _classify(request, model, paths, stages)
+        elif isinstance(model, SegmentationModel):
+            outcome = _segment(request, model, paths, stages)
+        else:
+            raise TypeError(
+                f"model {model.name} is neither a segmentation nor a classification model"
+            )
     if outcome.status != "ok":
         return outcome
     total = time.perf_counter() - started
@@ -147,8 +176,12 @@ def run_job(request: JobRequest) -> JobOutcome:
         total,
         extra={"job_id": request.job_id},
     )
+    waits = {f"wait for {stage}": seconds for stage, seconds in stages.waited_s.items()}
     return outcome.model_copy(
-        update={"timings_s": {"verify": verified, **outcome.timings_s, "total": total}}
+        update={
+            "timings_s": {"verify": verified, **outcome.timings_s, **waits, "total": total},
+            "stages_at": {**stages.entered, "done": time.time()},
+        }
     )
 
 
@@ -177,7 +210,7 @@ def _rejection_notes(
             ),
         )
         path = output_dir / f"{REJECTION_PREFIX}{number:03d}.dcm"
-        files.append(_write(note, path))
+        files.append(_write(note, path, _created(request)))
         notes[destination] = path.name
     return files, notes
 
@@ -186,7 +219,9 @@ def _previous_reports(request: JobRequest) -> tuple[ResultInstance, ...]:
     return request.predecessor.reports if request.predecessor is not None else ()
 
 
-def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -> JobOutcome:
+def _segment(
+    request: JobRequest, model: SegmentationModel, paths: list[Path], stages: JobStages
+) -> JobOutcome:
     """Series -> label map -> the SEG variants, the SRs, overlays and rejection notes
     the request names."""
     timings: dict[str, float] = {}
@@ -204,6 +239,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 
+    stages.enter("model")
     mark = time.perf_counter()
     try:
         label_map = model.predict(volume)
@@ -219,6 +255,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
     if empty:
         logger.info("job %d: %s found none of its labels", request.job_id, model.name)
 
+    stages.enter("write")
     mark = time.perf_counter()
     output_dir = Path(request.output_dir)
     uids = _uids(request, str(series.datasets[0].SeriesInstanceUID), model.algorithm_version())
@@ -233,6 +270,7 @@ def _segment(request: JobRequest, model: SegmentationModel, paths: list[Path]) -
             revision=request.revision,
             previous_reports=_previous_reports(request),
             other_inputs=other_inputs,
+            created=_created(request),
         )
     except SegPlacementError as exc:
         return _failed(request.job_id, f"a SEG was not sent, it would be misplaced: {exc}")
@@ -290,6 +328,7 @@ def write_segmentation_results(
     revision: int = 1,
     previous_reports: Sequence[ResultInstance] = (),
     other_inputs: Sequence[LoadedSeries] = (),
+    created: datetime | None = None,
 ) -> tuple[list[ResultInstance], list[SegmentMeasurement]]:
     """The result step of a segmentation: the SEG variants, SRs and overlay images that
     ``request`` names, written into ``output_dir``.
@@ -306,6 +345,9 @@ def write_segmentation_results(
         The SRs of the version these results replace, named as predecessors.
     other_inputs
         A multi-series model's other input series; the SRs list them as evidence.
+    created
+        When the job was requested: every object's creation and content time (None:
+        now).
 
     Returns
     -------
@@ -315,7 +357,8 @@ def write_segmentation_results(
     Raises
     ------
     SegPlacementError
-        If a SEG read back does not sit on its source slices (the file is removed).
+        If a SEG would not sit on its source slices (it is not written, and the files
+        written before it are removed).
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     files: list[ResultInstance] = []
@@ -340,14 +383,15 @@ def write_segmentation_results(
                 segments=segments,
             )
             if variant in request.seg_variants:
-                path = output_dir / variant.file_name
-                write_dataset_atomic(seg, path)
                 try:
-                    check_seg_placement(path, series)
+                    check_seg_placement(seg, series)
                 except SegPlacementError as exc:
-                    for written in [*(Path(f.path) for f in files), path]:
-                        written.unlink()  # nothing of this job may be sent
+                    for written in files:
+                        Path(written.path).unlink()  # nothing of this job may be sent
                     raise SegPlacementError(f"{variant.file_name}: {exc}") from exc
+                path = output_dir / variant.file_name
+                _stamp(seg, created)
+                write_seg(seg, path)
                 files.append(_result(seg, path))
             if variant in request.sr_references:
                 measurements, _ = numbers.result()
@@ -368,7 +412,7 @@ def write_segmentation_results(
                     previous_versions=_predecessors(previous_reports, variant.sr_file_name),
                     other_inputs=other_inputs,
                 )
-                files.append(_write(sr, output_dir / variant.sr_file_name))
+                files.append(_write(sr, output_dir / variant.sr_file_name, created))
         measurements, images = numbers.result()
     if images:
         overlays = build_overlay_images(
@@ -380,7 +424,8 @@ def write_segmentation_results(
             notice=request.notice,
         )
         for number, overlay in enumerate(overlays, start=1):
-            files.append(_write(overlay, output_dir / f"{OVERLAY_PREFIX}{number:03d}.dcm"))
+            path = output_dir / f"{OVERLAY_PREFIX}{number:03d}.dcm"
+            files.append(_write(overlay, path, created))
     return files, measurements
 
 
@@ -401,7 +446,9 @@ def _measure_and_draw(
     return measurements, images
 
 
-def _classify(request: JobRequest, model: ClassificationModel, paths: list[Path]) -> JobOutcome:
+def _classify(
+    request: JobRequest, model: ClassificationModel, paths: list[Path], stages: JobStages
+) -> JobOutcome:
     """Series (or each image of it) -> class probabilities -> SR (+ rejection notes)."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
@@ -414,6 +461,7 @@ def _classify(request: JobRequest, model: ClassificationModel, paths: list[Path]
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 
+    stages.enter("model")
     mark = time.perf_counter()
     results = []
     for source in sources:
@@ -430,6 +478,7 @@ def _classify(request: JobRequest, model: ClassificationModel, paths: list[Path]
         results.append((source, probabilities))
     timings["inference"] = time.perf_counter() - mark
 
+    stages.enter("write")
     mark = time.perf_counter()
     first = sources[0].datasets[0]
     uids = _uids(request, str(first.SeriesInstanceUID), model.algorithm_version())
@@ -444,7 +493,7 @@ def _classify(request: JobRequest, model: ClassificationModel, paths: list[Path]
     )
     output_dir = Path(request.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    report = _write(sr, output_dir / SR_FILE)
+    report = _write(sr, output_dir / SR_FILE, _created(request))
     notes, by_destination = _rejection_notes(request, first, uids, output_dir)
     timings["results"] = time.perf_counter() - mark
     return JobOutcome(

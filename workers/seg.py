@@ -13,11 +13,13 @@ import logging
 import re
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Literal
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
+from pydicom import Dataset
 from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -26,6 +28,7 @@ from workers.dicom_encoding import prepare_fast_write
 from workers.label_passes import label_counts
 from workers.outputs import DEFAULT_SEG, SegVariant
 from workers.series import LoadedSeries
+from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
 __all__ = [
@@ -38,6 +41,7 @@ __all__ = [
     "plan_segments",
     "present_labels",
     "to_pydicom_code",
+    "write_seg",
 ]
 
 logger = logging.getLogger(__name__)
@@ -193,6 +197,15 @@ def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
         seg.SegmentSequence = items[1:]
 
 
+def write_seg(seg: Dataset, path: Path) -> Path:
+    """Write a SEG made by :func:`build_seg` to ``path`` atomically, its per-frame
+    functional groups pre-encoded (a third of the time to a file, same bytes); the
+    dataset cannot be changed afterwards."""
+    if seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
+        prepare_fast_write(seg, "PerFrameFunctionalGroupsSequence")
+    return write_dataset_atomic(seg, path)
+
+
 def build_seg(
     series: LoadedSeries,
     label_map: npt.NDArray[np.integer],
@@ -312,9 +325,6 @@ def build_seg(
     _derive_dimension_organization_uid(seg, uids, variant)
     if seg_type == "labelmap":
         _drop_background_segment(seg)
-    if seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
-        # Writing the per-frame functional groups is a third of the time to a file.
-        prepare_fast_write(seg, "PerFrameFunctionalGroupsSequence")
     logger.info(
         "built %s SEG with %d segments, %d frames for model %s %s",
         variant.name,

@@ -1,7 +1,8 @@
 """The last check before a SEG leaves: is every frame where its source slice is?
 
 A misplaced overlay is worse than none: a radiologist sees an organ outline on the
-wrong slice, or shifted. So after writing each SEG the worker reads it back and checks,
+wrong slice, or shifted. So before writing each SEG the worker checks the dataset it is
+about to write (its encoding is pydicom's own, or proven byte for byte equal to it),
 frame by frame, that its plane position and orientation are those of a source instance,
 that the frame names that same instance as its source, and that it shares the source's
 frame of reference, pixel spacing and matrix size. A failure fails the job with the
@@ -10,10 +11,8 @@ reason; nothing is sent.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from pydicom import Dataset, dcmread
+from pydicom import Dataset
 
 from workers.series import LoadedSeries
 
@@ -40,8 +39,8 @@ def _functional_item(frame: Dataset, shared: Dataset, sequence: str) -> Dataset 
     return None
 
 
-def check_seg_placement(seg_path: Path, series: LoadedSeries) -> None:
-    """Read the SEG at ``seg_path`` back and check it against ``series``.
+def check_seg_placement(seg: Dataset, series: LoadedSeries) -> None:
+    """Check the SEG ``seg`` against ``series``.
 
     Raises
     ------
@@ -49,7 +48,6 @@ def check_seg_placement(seg_path: Path, series: LoadedSeries) -> None:
         If the frame of reference, matrix size, pixel spacing or orientation differ from
         the source, or a frame's position is not that of the source instance it names.
     """
-    seg = dcmread(seg_path, stop_before_pixels=True)
     source = series.datasets[0]
     if seg.get("FrameOfReferenceUID") != source.get("FrameOfReferenceUID"):
         raise SegPlacementError(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 
 from models import registry
 from models.base import Code, LabelSpec, SegmentationModel, Volume
@@ -107,6 +107,7 @@ def test_empty_result_is_delivered_as_absent_findings(
 ) -> None:
     """The model finds nothing: the job succeeds; the SR says each label is absent and
     the SEGs (for destinations that want them) hold empty segments."""
+    registry.available_models()  # built-ins register on first import: not into the copy
     monkeypatch.setattr(registry, "_MODEL_CLASSES", dict(registry._MODEL_CLASSES))
     monkeypatch.setattr(registry, "_INSTANCES", dict(registry._INSTANCES))
     registry.register_model(NothingFound)
@@ -155,8 +156,8 @@ def test_a_misplaced_seg_leaves_nothing_to_send(
     from workers import pipeline
     from workers.seg_check import SegPlacementError
 
-    def fail_labelmap(path: Path, series: object) -> None:
-        if "labelmap" in path.name:
+    def fail_labelmap(seg: Dataset, series: object) -> None:
+        if seg.SegmentationType == "LABELMAP":
             raise SegPlacementError("frame 3 is 1.000 mm from its source slice")
 
     monkeypatch.setattr(pipeline, "check_seg_placement", fail_labelmap)

@@ -29,6 +29,7 @@ from tests.sr_reading import (
     read_volumes_ml,
 )
 from tests.validation import enforce_valid_values  # noqa: F401 (autouse)
+from workers.dicom_encoding import prepare_fast_write
 from workers.seg import SegmentInfo, build_seg
 from workers.series import LoadedSeries, load_series
 from workers.sr import SegmentMeasurement, build_sr
@@ -534,23 +535,22 @@ def test_placement_check_passes_and_catches_a_shifted_frame(
     from workers.seg_check import SegPlacementError, check_seg_placement
 
     seg, _ = build_seg(series, label_map, model, uids)
+    check_seg_placement(seg, series)
     path = write_dataset_atomic(seg, tmp_path / "seg.dcm")
-    check_seg_placement(path, series)
+    check_seg_placement(dcmread(path), series)  # as written
 
     shifted = dcmread(path)
     position = shifted.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence[0]
     position.ImagePositionPatient = [
         float(v) + (1.0 if i == 2 else 0.0) for i, v in enumerate(position.ImagePositionPatient)
     ]
-    shifted.save_as(tmp_path / "shifted.dcm")
     with pytest.raises(SegPlacementError, match=r"frame 3 is at .* 1\.000 mm from its source"):
-        check_seg_placement(tmp_path / "shifted.dcm", series)
+        check_seg_placement(shifted, series)
 
     other_frame = dcmread(path)
     other_frame.FrameOfReferenceUID = derive_uid("another", "frame")
-    other_frame.save_as(tmp_path / "frame.dcm")
     with pytest.raises(SegPlacementError, match=r"FrameOfReferenceUID .* is not the source's"):
-        check_seg_placement(tmp_path / "frame.dcm", series)
+        check_seg_placement(other_frame, series)
 
 
 @pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
@@ -559,13 +559,12 @@ def test_fast_write_gives_pydicoms_bytes(
     label_map: npt.NDArray[np.uint8],
     model: FakeOrgans,
     uids: ResultUids,
-    monkeypatch: pytest.MonkeyPatch,
     seg_type: Literal["binary", "labelmap"],
 ) -> None:
     """The pre-encoded per-frame functional groups are exactly what pydicom writes."""
     fast, _ = build_seg(series, label_map, model, uids, seg_type=seg_type)
+    prepare_fast_write(fast, "PerFrameFunctionalGroupsSequence")  # as write_seg does
     assert fast.get_item("PerFrameFunctionalGroupsSequence").is_raw  # pre-encoded
-    monkeypatch.setattr("workers.seg.prepare_fast_write", lambda ds, keyword: None)
     plain, _ = build_seg(series, label_map, model, uids, seg_type=seg_type)
     timestamped = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
     for keyword in (*timestamped, "ContributingEquipmentSequence"):
