@@ -33,7 +33,14 @@ from workers.overlays import KeyImage, build_overlay_images, key_images
 from workers.rejection import build_rejection_note
 from workers.seg import SegmentInfo, build_seg, plan_segments, write_seg
 from workers.seg_check import SegPlacementError, check_seg_placement
-from workers.series import LoadedSeries, SeriesError, load_images, load_series, resample_onto
+from workers.series import (
+    LoadedSeries,
+    SeriesError,
+    load_images,
+    load_series,
+    owned_cores,
+    resample_onto,
+)
 from workers.sr import SegmentMeasurement, build_classification_sr, build_sr, measure_segments
 from workers.stages import JobStages, job_stages
 from workers.storage import write_dataset_atomic
@@ -55,6 +62,13 @@ def _failed(job_id: int, reason: str) -> JobOutcome:
     return JobOutcome.failed(reason)
 
 
+def _digest_or_error(path: Path) -> tuple[int, str] | OSError:
+    try:
+        return file_digest(path)
+    except OSError as exc:
+        return exc
+
+
 def verify_manifest(manifest: Manifest) -> list[Path]:
     """The files of the job's own series, after checking that every file of the
     manifest (other inputs' too) holds exactly the bytes recorded for it.
@@ -65,17 +79,18 @@ def verify_manifest(manifest: Manifest) -> list[Path]:
         If a file is missing or its size or SHA-256 differs (the instance was re-sent
         with other content after the job was created; a newer version covers that).
     """
+    instances = manifest.all_instances
+    with ThreadPoolExecutor(max_workers=owned_cores()) as pool:  # hashlib frees the GIL
+        digests = list(pool.map(_digest_or_error, (Path(i.path) for i in instances)))
     paths = []
-    for instance in manifest.all_instances:
+    for instance, digest in zip(instances, digests, strict=True):
         path = Path(instance.path)
-        try:
-            size, sha256 = file_digest(path)
-        except OSError as exc:
+        if isinstance(digest, OSError):
             raise ManifestError(
                 f"instance {instance.sop_instance_uid} of the job's input is missing "
-                f"({path}: {exc.strerror or exc})"
-            ) from exc
-        if (size, sha256) != (instance.size, instance.sha256):
+                f"({path}: {digest.strerror or digest})"
+            ) from digest
+        if digest != (instance.size, instance.sha256):
             raise ManifestError(
                 f"instance {instance.sop_instance_uid} changed after the job was created "
                 "(re-sent with other content); the job's results would not match its "

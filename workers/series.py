@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -191,10 +192,10 @@ def _sort_and_space(
     return ordered, spacing
 
 
-def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
-    """Decoded, rescaled pixels of one instance as float32."""
+def _stored_pixels(ds: Dataset) -> npt.NDArray[Any]:
+    """The stored values of one instance's single frame, checked against its size."""
     try:
-        stored = ds.pixel_array
+        stored: npt.NDArray[Any] = ds.pixel_array
     except Exception as e:
         raise SeriesError(f"{_name(ds)}: cannot decode pixel data ({e})") from e
     expected = (int(ds.Rows), int(ds.Columns))
@@ -202,9 +203,28 @@ def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
         raise SeriesError(
             f"{_name(ds)}: decoded pixel data has shape {stored.shape}, expected {expected}"
         )
+    return stored
+
+
+def _rescale_into(ds: Dataset, stored: npt.NDArray[Any], out: npt.NDArray[np.float32]) -> None:
+    """``stored * RescaleSlope + RescaleIntercept`` into ``out``, as float64 arithmetic
+    rounded to float32 gives it. With slope 1, an integral intercept and stored values of
+    at most 16 bits every value is an integer below 2**24, so float32 arithmetic is
+    exact and skips the float64 copy (the usual CT)."""
     slope = float(ds.get("RescaleSlope") or 1.0)
     intercept = float(ds.get("RescaleIntercept") or 0.0)
-    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    if slope == 1.0 and intercept.is_integer() and stored.dtype.itemsize <= 2:
+        np.add(stored, np.float32(intercept), out=out, dtype=np.float32)
+    else:
+        out[...] = stored.astype(np.float64) * slope + intercept
+
+
+def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
+    """Decoded, rescaled pixels of one instance as float32."""
+    stored = _stored_pixels(ds)
+    pixels = np.empty(stored.shape, dtype=np.float32)
+    _rescale_into(ds, stored, pixels)
+    return pixels
 
 
 def load_series(paths: Iterable[Path]) -> LoadedSeries:
@@ -237,7 +257,15 @@ def load_series(paths: Iterable[Path]) -> LoadedSeries:
         _check_consistent(datasets)
         row, col, normal = _directions(datasets[0])
         ordered, slice_spacing = _sort_and_space(datasets, normal)
-        slices = list(pool.map(_decode, ordered))
+        # Decoded straight into the volume: no list of slices to stack (a copy of the
+        # whole volume, and twice the memory).
+        shape = (len(ordered), int(ordered[0].Rows), int(ordered[0].Columns))
+        voxels = np.empty(shape, dtype=np.float32)
+
+        def decode_into(index: int) -> None:
+            _rescale_into(ordered[index], _stored_pixels(ordered[index]), voxels[index])
+
+        list(pool.map(decode_into, range(len(ordered))))
 
     for ds in ordered:
         del ds.PixelData
@@ -245,7 +273,7 @@ def load_series(paths: Iterable[Path]) -> LoadedSeries:
     origin = _floats(first, "ImagePositionPatient", 3)
     pixel_spacing = _floats(first, "PixelSpacing", 2)
     volume = Volume(
-        voxels=np.stack(slices),
+        voxels=voxels,
         origin=(float(origin[0]), float(origin[1]), float(origin[2])),
         row_direction=(float(row[0]), float(row[1]), float(row[2])),
         column_direction=(float(col[0]), float(col[1]), float(col[2])),

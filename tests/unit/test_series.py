@@ -352,3 +352,31 @@ def test_ras_affine_is_voxel_to_patient_with_x_and_y_negated() -> None:
     lps = volume.voxel_to_patient(indices)
     ras = (volume.ras_affine @ np.c_[indices, np.ones(3)].T).T[:, :3]
     np.testing.assert_allclose(ras, lps * [-1.0, -1.0, 1.0])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "slope", "intercept"),
+    [
+        (np.int16, 1.0, -1024.0),  # float32 arithmetic, exact
+        (np.uint16, 1.0, -1024.0),
+        (np.uint16, 1.0, 0.0),
+        (np.int16, 0.5, -1024.0),  # float64 arithmetic, rounded
+        (np.uint16, 1.0, -0.5),
+        (np.int32, 1.0, -1024.0),
+    ],
+)
+def test_rescaling_equals_float64_arithmetic_rounded_to_float32(
+    dtype: type[np.integer], slope: float, intercept: float
+) -> None:
+    from workers.series import _rescale_into
+
+    info = np.iinfo(dtype)
+    rng = np.random.default_rng(7)
+    stored = rng.integers(max(info.min, -(2**20)), min(info.max, 2**20), (64, 64)).astype(dtype)
+    stored.flat[:2] = (max(info.min, -(2**20)), min(info.max, 2**20) - 1)
+    ds = Dataset()
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    out = np.empty(stored.shape, dtype=np.float32)
+    _rescale_into(ds, stored, out)
+    expected = (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+    assert np.array_equal(out, expected)
