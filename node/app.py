@@ -4,9 +4,10 @@ Stages run in order on each tick of the main loop (complete -> route -> dispatch
 collect); the SCP and the sender run on their own threads because they wait on the
 network. No stage waits for a fixed tick: the loop wakes when the first receiving series
 falls quiet, polls the result backend often while jobs are in flight, and wakes the
-sender as soon as a job's results are recorded. Start-up first reconciles: it records spooled files the DB missed, requeues
-unfinished jobs, and lets completeness re-check every series still receiving. SIGHUP
-reads the model folders and config.yaml again (:meth:`Node._reload`).
+sender as soon as a job's results are recorded. Start-up first reconciles: it records
+spooled files the DB missed, requeues unfinished jobs, and lets completeness re-check
+every series still receiving. SIGHUP reads the model folders and config.yaml again
+(:meth:`Node._reload`).
 """
 
 from __future__ import annotations

@@ -204,3 +204,44 @@ def test_check_config_builds_each_bundles_own_chain(tmp_path: Path) -> None:
     assert sum(int((written == i.segment_number).sum()) for i in segments) == int(
         (expected > 0).sum()
     )
+
+
+def test_a_python_model_folder_registers_its_classes_and_a_broken_one_is_named(
+    tmp_path: Path,
+) -> None:
+    from tests.standin import STANDIN_MODEL, install_standin
+
+    config_path = _config(tmp_path, rules=[{"name": "fast", "models": [STANDIN_MODEL]}])
+    folder = install_standin(tmp_path / "site-models", 0.0)
+    config = load_config(config_path)
+    cls = registry.get_model_class(STANDIN_MODEL)
+    assert cls.__module__ == f"pacsnode_models.{STANDIN_MODEL}"
+    entry = next(e for e in registry.model_entries() if e.cls is cls)
+    assert entry.source == str((folder / "model.py").resolve())
+    first = registry.model_fingerprints()[STANDIN_MODEL]
+
+    # A changed file is a changed model (SIGHUP restarts the worker); a broken file is
+    # refused by name, and the models of the other files stay.
+    (folder / "model.py").write_text((folder / "model.py").read_text() + "\n# changed\n")
+    broken = tmp_path / "site-models" / "broken" / "model.py"
+    broken.parent.mkdir()
+    broken.write_text("from models.base import Nothing\n")
+    registry.reload_models()
+    assert registry.model_fingerprints()[STANDIN_MODEL] != first
+    problems = folder_problems(config)
+    assert problems == [
+        f"models_dir: {broken.resolve()}: cannot be imported: ImportError: cannot import name "
+        "'Nothing' from 'models.base' (" + str(Path(registry.__file__).parent / "base.py") + ")"
+    ]
+
+    # A later file (folders are read in name order) registering a name already taken is
+    # refused, not silently swapped in.
+    clash = tmp_path / "site-models" / "twin" / "model.py"
+    clash.parent.mkdir()
+    clash.write_text((folder / "model.py").read_text())
+    broken.unlink()
+    registry.reload_models()
+    (problem,) = folder_problems(config)
+    assert problem.startswith(f"models_dir: {clash.resolve()}: cannot be imported: ValueError")
+    assert f"model name {STANDIN_MODEL!r} is already registered" in problem
+    assert registry.get_model_class(STANDIN_MODEL).__module__ == f"pacsnode_models.{STANDIN_MODEL}"
