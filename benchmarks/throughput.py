@@ -85,11 +85,6 @@ def figures(jobs: list[Job]) -> dict[str, float]:
     timelines = [outcome.stages_at for outcome in outcomes]
     wall = max(t["done"] for t in timelines) - min(t["load"] for t in timelines)
     busy = sum(outcome.timings_s["inference"] for outcome in outcomes)
-    if os.environ.get("THROUGHPUT_TIMELINES"):
-        start = min(t["load"] for t in timelines)
-        for outcome in outcomes:
-            print({k: round(v - start, 2) for k, v in outcome.stages_at.items()},
-                  {k: round(v, 2) for k, v in outcome.timings_s.items()})  # fmt: skip
     return {
         "studies/hour": len(timelines) / wall * 3600,
         "model busy": busy / wall,

@@ -7,6 +7,7 @@ file), with its embedded Redis and worker, on a free loopback port.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,19 @@ class NodeProcess:
         self.process.wait(10)
         self.process = None
         self._wait_children_gone()
+
+    def kill_worker(self) -> None:
+        """SIGKILL the node's embedded worker, as a crash would (the node restarts it)."""
+        assert self.process is not None
+        pgrep = shutil.which("pgrep")
+        assert pgrep is not None
+        found = subprocess.run(
+            [pgrep, "-P", str(self.process.pid), "-f", "node.cli worker"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        os.kill(int(found.stdout.split()[0]), signal.SIGKILL)
 
     def _wait_children_gone(self) -> None:
         # The embedded Redis and worker get a signal from the kernel when the node dies.

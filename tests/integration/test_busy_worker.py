@@ -8,8 +8,6 @@ time like a network on a GPU.
 from __future__ import annotations
 
 import itertools
-import os
-import signal
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,6 @@ from pydicom import dcmread
 from models.registry import reload_models, use_models_dir
 from node.state import Job, JobStateValues
 from tests.integration.conftest import CT_RULE, ct_node_config, make_phantom_series
-from tests.integration.test_faults import _child_pid
 from tests.node_process import NODE_AE_TITLE, NodeProcess
 from tests.peers import StoreSCP, run_storescu, wait_for
 from tests.standin import STANDIN_MODEL, install_standin
@@ -119,8 +116,7 @@ def test_sigkill_mid_overlap_delivers_every_job_once(tmp_path: Path, studies: li
             120,
             "two jobs running at once on the worker",
         )
-        assert node.process is not None
-        os.kill(_child_pid(node.process.pid, "node.cli worker"), signal.SIGKILL)
+        node.kill_worker()
         jobs = node.wait_for_jobs(STUDIES, FINISHED, timeout=300)
         assert all(job.state == JobStateValues.DELIVERED for job in jobs), [j.reason for j in jobs]
         expected = sum(len(job.result.files) for job in jobs if job.result is not None)

@@ -5,9 +5,6 @@ Each test checks that nothing acknowledged is lost and that the node keeps servi
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -180,24 +177,13 @@ def test_sigkill_mid_job_completes_after_restart(
         node.kill()
         node.start()
     else:
-        assert node.process is not None
-        worker_pid = _child_pid(node.process.pid, "node.cli worker")
-        os.kill(worker_pid, signal.SIGKILL)
+        node.kill_worker()
     jobs = node.wait_for_jobs(1, FINISHED)
     assert jobs[0].state == JobStateValues.DELIVERED, jobs[0].reason
     all_uids = {
         dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in cranium_dir.glob("*.dcm")
     }
     assert _referenced_by_seg(destination.wait_for_files(2)) == all_uids
-
-
-def _child_pid(parent: int, command_part: str) -> int:
-    pgrep = shutil.which("pgrep")
-    assert pgrep is not None
-    found = subprocess.run(
-        [pgrep, "-P", str(parent), "-f", command_part], capture_output=True, text=True, check=True
-    )
-    return int(found.stdout.split()[0])
 
 
 def test_sigkill_between_a_late_instance_and_its_rerun(
