@@ -1,21 +1,22 @@
-"""Faster writing of a dataset with one large, repetitive sequence, byte for byte what
-pydicom writes.
+"""Pre-encoding of large, repetitive sequences, byte for byte what pydicom writes.
 
 A SEG of a 300-slice CT has hundreds of per-frame functional group items, each a dozen
 nested elements, most of them identical from frame to frame (codes, SOP class UIDs);
-pydicom encodes every element anew, after walking them all once more to resolve
-ambiguous VRs, and spends about 0.3 s. Here each distinct leaf element is encoded once
-by pydicom itself and reused, and only the sequence and item headers (tag, length) are
-packed directly; the sequence becomes a raw element holding those bytes, which pydicom
-writes as they are. The ambiguous VRs are resolved beforehand everywhere else (pixel
-data: OB or OW) and the dataset is marked as already in its target encoding, so pydicom
-does not decode the raw bytes again to check them. ``tests/unit/test_results.py``
-compares the bytes with pydicom's own.
+pydicom builds and encodes every element anew, after walking them all once more to
+resolve ambiguous VRs, and spends about 0.3 s on writing alone. Here each distinct
+element is encoded once by pydicom itself (:func:`encode_element`) and reused, only the
+item headers (tag, length) are packed directly, and the sequence becomes a raw element
+holding those bytes (:func:`raw_sequence`), which pydicom writes as it is once
+:func:`mark_encoded` has resolved the ambiguous VRs everywhere else and marked the
+dataset as already in its target encoding (so pydicom does not decode the raw bytes
+again to check them). Explicit VR Little Endian with defined lengths only.
+``tests/unit/test_seg_frames.py`` compares the bytes with pydicom's own.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Mapping
 
 from pydicom import Dataset
 from pydicom.charset import convert_encodings
@@ -26,13 +27,51 @@ from pydicom.filewriter import (
     correct_ambiguous_vr_element,
     write_data_element,
 )
+from pydicom.tag import BaseTag
 
-__all__ = ["prepare_fast_write"]
+__all__ = [
+    "ElementCache",
+    "dataset_encodings",
+    "encode_element",
+    "encode_item",
+    "encode_items",
+    "encode_sequence",
+    "mark_encoded",
+    "raw_sequence",
+]
 
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
 
+#: Encoded leaf elements by (tag, VR, repr(value)).
+ElementCache = dict[tuple[object, ...], bytes]
 
-def _leaf(elem: DataElement, encodings: list[str], cache: dict[tuple[object, ...], bytes]) -> bytes:
+
+def encode_item(content: bytes) -> bytes:
+    """A sequence item of defined length holding the encoded elements ``content``."""
+    return _ITEM + struct.pack("<I", len(content)) + content
+
+
+def encode_element(
+    elem: DataElement,
+    encodings: list[str],
+    cache: ElementCache,
+    replace: Mapping[int, bytes] | None = None,
+) -> bytes:
+    """``elem`` as pydicom writes it in Explicit VR Little Endian, sequences with
+    defined lengths; leaf elements met before come from ``cache``, and an element
+    (at any depth) whose tag is in ``replace`` is the encoded element given there.
+
+    Raises
+    ------
+    ValueError
+        If a sequence or one of its items has an undefined length.
+    """
+    if replace and elem.tag in replace:
+        return replace[elem.tag]
+    if elem.VR == "SQ":
+        if elem.is_undefined_length:
+            raise ValueError(f"{elem.tag}: undefined lengths are not pre-encoded")
+        return encode_sequence(elem.tag, encode_items(elem.value, encodings, cache, replace))
     key = (elem.tag, elem.VR, repr(elem.value))
     encoded = cache.get(key)
     if encoded is None:
@@ -43,53 +82,64 @@ def _leaf(elem: DataElement, encodings: list[str], cache: dict[tuple[object, ...
     return encoded
 
 
-def _dataset(ds: Dataset, encodings: list[str], cache: dict[tuple[object, ...], bytes]) -> bytes:
-    parts = []
-    for elem in ds:
-        if elem.VR == "SQ":
-            items = _items(elem, encodings, cache)
-            group, number = elem.tag >> 16, elem.tag & 0xFFFF
-            parts.append(struct.pack("<HH2sHI", group, number, b"SQ", 0, len(items)) + items)
-        else:
-            parts.append(_leaf(elem, encodings, cache))
-    return b"".join(parts)
-
-
-def _items(
-    elem: DataElement, encodings: list[str], cache: dict[tuple[object, ...], bytes]
+def encode_items(
+    items: Iterable[Dataset],
+    encodings: list[str],
+    cache: ElementCache,
+    replace: Mapping[int, bytes] | None = None,
 ) -> bytes:
+    """The items of a sequence, encoded as by :func:`encode_element`."""
     encoded = []
-    for item in elem.value:
-        if getattr(item, "is_undefined_length_sequence_item", False) or elem.is_undefined_length:
-            raise ValueError(f"{elem.tag}: undefined lengths are not pre-encoded")
-        content = _dataset(item, encodings, cache)
-        encoded.append(_ITEM + struct.pack("<I", len(content)) + content)
+    for item in items:
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            raise ValueError("sequence items of undefined length are not pre-encoded")
+        encoded.append(
+            encode_item(b"".join(encode_element(e, encodings, cache, replace) for e in item))
+        )
     return b"".join(encoded)
 
 
-def prepare_fast_write(ds: Dataset, keyword: str) -> None:
-    """Make ``ds`` quick to write as Explicit VR Little Endian: sequence ``keyword``
-    pre-encoded, ambiguous VRs resolved, the encoding recorded as already done.
+def encode_sequence(tag: int, encoded_items: bytes) -> bytes:
+    """A sequence element of defined length holding ``encoded_items``."""
+    return struct.pack("<HH2sHI", tag >> 16, tag & 0xFFFF, b"SQ", 0, len(encoded_items)) + (
+        encoded_items
+    )
+
+
+def raw_sequence(tag: int | BaseTag, encoded_items: bytes) -> RawDataElement:
+    """A sequence element holding already encoded items, for pydicom to write as it is
+    (see :func:`mark_encoded`)."""
+    return RawDataElement(BaseTag(tag), "SQ", len(encoded_items), encoded_items, 0, False, True)
+
+
+def dataset_encodings(ds: Dataset) -> list[str]:
+    """The Python codecs of ``ds``'s SpecificCharacterSet."""
+    return convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
+
+
+def mark_encoded(ds: Dataset) -> None:
+    """Let pydicom write ``ds``'s raw Explicit VR Little Endian elements (sequences
+    made by :func:`raw_sequence`) as they are: decode every other raw element (one
+    copied from an implicit VR source carries no VR), resolve the ambiguous VRs and
+    record ``ds`` as already in Explicit VR Little Endian. Call it last: pydicom then
+    writes ``ds`` without resolving anything changed later.
 
     Raises
     ------
     ValueError
-        If ``ds`` is to be written in another transfer syntax, or the sequence uses
-        undefined lengths.
+        If ``ds`` is to be written in another transfer syntax.
     """
     syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if syntax is None or syntax.is_implicit_VR or not syntax.is_little_endian:
-        raise ValueError(f"{keyword} is pre-encoded only for explicit VR little endian")
-    elem = ds[keyword]
-    encodings = convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
-    value = _items(elem, encodings, {})
-    for other in ds:
-        if other.tag == elem.tag:
+        raise ValueError("sequences are pre-encoded only for explicit VR little endian")
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if isinstance(raw, RawDataElement) and not raw.is_implicit_VR and raw.is_little_endian:
             continue
-        if other.VR == "SQ":
-            for item in other.value:
+        elem = ds[tag]
+        if elem.VR == "SQ":
+            for item in elem.value:
                 correct_ambiguous_vr(item, True, [item, ds])
-        elif " or " in other.VR:
-            correct_ambiguous_vr_element(other, ds, True)
-    ds[elem.tag] = RawDataElement(elem.tag, "SQ", len(value), value, 0, False, True)
+        elif " or " in elem.VR:
+            correct_ambiguous_vr_element(elem, ds, True)
     ds.set_original_encoding(False, True, ds._character_set)

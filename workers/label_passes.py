@@ -1,8 +1,8 @@
 """Counting over a label map: voxels per label, per slice, and voxel sums per label.
 
 Two ways, chosen by how many labels there are. For a few labels, one comparison per
-label over the whole map (``label_map == value``: contiguous, fast, no large
-temporaries). For many labels (a 100-structure model), that would be one pass per label,
+label and slice (``plane == value``: its temporary stays in the CPU cache; comparing the
+whole map at once allocates a map-sized temporary and is 3-4x slower). For many labels (a 100-structure model), that would be one pass per label,
 so one ``bincount`` per slab or slice counts every label at once instead; its cost does
 not grow with the number of labels. Both give the same numbers (tested).
 """
@@ -33,7 +33,8 @@ def label_counts(
     ``few`` forces the strategy (None: by the number of values).
     """
     if _few(values, few):
-        return {value: int(np.count_nonzero(label_map == value)) for value in values}
+        areas = slice_areas(label_map, values, few=True)
+        return {value: int(areas[value].sum()) for value in values}
     top = max(values, default=0) + 1
     counts = np.zeros(top, dtype=np.int64)
     for start in range(0, label_map.shape[0], _SLAB_SLICES):
@@ -47,14 +48,11 @@ def slice_areas(
 ) -> dict[int, npt.NDArray[np.int64]]:
     """For each of ``values``, its voxel count in each slice (axis 0)."""
     if _few(values, few):
-        # Summing bytes is several times faster than summing booleans.
-        return {
-            value: (label_map == value)
-            .view(np.uint8)
-            .reshape(label_map.shape[0], -1)
-            .sum(axis=1, dtype=np.int64)
-            for value in values
-        }
+        areas = {value: np.empty(label_map.shape[0], dtype=np.int64) for value in values}
+        for k, plane in enumerate(label_map):
+            for value in values:
+                areas[value][k] = np.count_nonzero(plane == value)
+        return areas
     top = max(values, default=0) + 1
     per_slice = np.zeros((label_map.shape[0], top), dtype=np.int64)
     for k in range(label_map.shape[0]):

@@ -24,9 +24,10 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import ExplicitVRLittleEndian
 
 from models.base import Code, LabelSpec, SegmentationModel
-from workers.dicom_encoding import prepare_fast_write
+from workers.dicom_encoding import mark_encoded
 from workers.label_passes import label_counts
 from workers.outputs import DEFAULT_SEG, SegVariant
+from workers.seg_frames import build_segmentation
 from workers.series import LoadedSeries
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
@@ -165,9 +166,7 @@ def _check_inputs(series: LoadedSeries, label_map: npt.NDArray[np.integer]) -> N
         raise ValueError("label_map must not hold negative values.")
 
 
-def _derive_dimension_organization_uid(
-    seg: hd.seg.Segmentation, uids: ResultUids, variant: SegVariant
-) -> None:
+def _derive_dimension_organization_uid(seg: Dataset, uids: ResultUids, variant: SegVariant) -> None:
     """Replace highdicom's random DimensionOrganizationUID by one derived from the job.
 
     highdicom draws a fresh UID per build; a re-run must write the same object, so every
@@ -183,7 +182,7 @@ def _derive_dimension_organization_uid(
             item.DimensionOrganizationUID = derived
 
 
-def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
+def _drop_background_segment(seg: Dataset) -> None:
     """Remove the "Background" item (segment number 0) highdicom puts first in a
     LABELMAP SEG's SegmentSequence.
 
@@ -198,11 +197,10 @@ def _drop_background_segment(seg: hd.seg.Segmentation) -> None:
 
 
 def write_seg(seg: Dataset, path: Path) -> Path:
-    """Write a SEG made by :func:`build_seg` to ``path`` atomically, its per-frame
-    functional groups pre-encoded (a third of the time to a file, same bytes); the
-    dataset cannot be changed afterwards."""
+    """Write a SEG made by :func:`build_seg` to ``path`` atomically, its pre-encoded
+    sequences as they are; the dataset cannot be changed afterwards."""
     if seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian:
-        prepare_fast_write(seg, "PerFrameFunctionalGroupsSequence")
+        mark_encoded(seg)
     return write_dataset_atomic(seg, path)
 
 
@@ -218,7 +216,8 @@ def build_seg(
     series_description: str | None = None,
     segments: list[SegmentInfo] | None = None,
     device_serial_number: str = "1",
-) -> tuple[hd.seg.Segmentation, list[SegmentInfo]]:
+    with_highdicom: bool = False,
+) -> tuple[Dataset, list[SegmentInfo]]:
     """Build a Segmentation of ``label_map`` on ``series``.
 
     Parameters
@@ -247,11 +246,16 @@ def build_seg(
         costs a pass over the label map per label).
     device_serial_number
         DeviceSerialNumber written in the equipment module (e.g. the node's name).
+    with_highdicom
+        Build it with ``highdicom.seg.Segmentation`` itself, the slower reference that
+        :func:`workers.seg_frames.build_segmentation` equals byte for byte (tests,
+        benchmarks).
 
     Returns
     -------
-    tuple[highdicom.seg.Segmentation, list[SegmentInfo]]
-        The SEG and, per segment in segment-number order, which label it holds.
+    tuple[pydicom.Dataset, list[SegmentInfo]]
+        The SEG (write it with :func:`write_seg`) and, per segment in segment-number
+        order, which label it holds.
 
     Raises
     ------
@@ -296,7 +300,8 @@ def build_seg(
         pixel_array = lut[label_map]
 
     variant = SegVariant(seg_type=seg_type, omit_empty_frames=omit_empty_frames)
-    seg = hd.seg.Segmentation(
+    build = hd.seg.Segmentation if with_highdicom else build_segmentation
+    seg = build(
         source_images=list(series.datasets),
         pixel_array=pixel_array,
         segmentation_type=(
@@ -320,7 +325,7 @@ def build_seg(
         content_description=f"{model.name} {model.algorithm_version()}"[:64],
         content_label=_content_label(model),
         series_description=(series_description or f"{MANUFACTURER} {model.name} SEG")[:64],
-        omit_empty_frames=omit_empty_frames and bool(np.any(pixel_array)),
+        omit_empty_frames=omit_empty_frames,
     )
     _derive_dimension_organization_uid(seg, uids, variant)
     if seg_type == "labelmap":

@@ -2,18 +2,27 @@
 
 A misplaced overlay is worse than none: a radiologist sees an organ outline on the
 wrong slice, or shifted. So before writing each SEG the worker checks the dataset it is
-about to write (its encoding is pydicom's own, or proven byte for byte equal to it),
-frame by frame, that its plane position and orientation are those of a source instance,
+about to write, frame by frame, that its plane position and orientation are those of a
+source instance,
 that the frame names that same instance as its source, and that it shares the source's
 frame of reference, pixel spacing and matrix size. A failure fails the job with the
 reason; nothing is sent.
+
+The functional groups are read from the very bytes that will be written: a SEG from
+``workers.seg_frames`` holds them pre-encoded, and decoding 800 frames' nested items
+with pydicom would take as long as building the SEG, so a small reader here walks the
+encoded items (Explicit VR Little Endian, defined lengths: what pacsnode writes).
 """
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
 
+from workers.dicom_encoding import dataset_encodings, encode_items
 from workers.series import LoadedSeries
 
 __all__ = ["POSITION_TOLERANCE_MM", "SegPlacementError", "check_seg_placement"]
@@ -22,20 +31,92 @@ __all__ = ["POSITION_TOLERANCE_MM", "SegPlacementError", "check_seg_placement"]
 POSITION_TOLERANCE_MM = 0.01
 _COSINE_TOLERANCE = 1e-4
 
+_SHARED = 0x52009229
+_PER_FRAME = 0x52009230
+_PLANE_POSITION = 0x00209113
+_PLANE_ORIENTATION = 0x00209116
+_PIXEL_MEASURES = 0x00289110
+_DERIVATION_IMAGE = 0x00089124
+_SOURCE_IMAGE = 0x00082112
+_REFERENCED_SOP_INSTANCE = 0x00081155
+_IMAGE_POSITION = 0x00200032
+_IMAGE_ORIENTATION = 0x00200037
+_PIXEL_SPACING = 0x00280030
+
+_ITEM = (0xFFFE, 0xE000)
+_UNDEFINED = 0xFFFFFFFF
+#: VRs whose length takes 4 bytes (PS3.5 7.1.2).
+_LONG_VRS = frozenset(
+    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+)
+
+#: An encoded item: its elements by tag, a value's bytes or a sequence's items.
+Item = dict[int, "bytes | list[Item]"]
+
 
 class SegPlacementError(Exception):
     """The SEG would not overlay its source correctly; the message says where."""
 
 
-def _floats(values: object) -> np.ndarray:
-    return np.asarray([float(v) for v in values], dtype=np.float64)  # type: ignore[attr-defined]
+def _items(buffer: memoryview) -> list[Item]:
+    """The items of an encoded sequence value (Explicit VR Little Endian)."""
+    items, position = [], 0
+    while position < len(buffer):
+        group, element, length = struct.unpack_from("<HHI", buffer, position)
+        if (group, element) != _ITEM or length == _UNDEFINED:
+            raise SegPlacementError(
+                f"unexpected ({group:04X},{element:04X}) of length {length} in a sequence"
+            )
+        items.append(_elements(buffer[position + 8 : position + 8 + length]))
+        position += 8 + length
+    return items
 
 
-def _functional_item(frame: Dataset, shared: Dataset, sequence: str) -> Dataset | None:
+def _elements(buffer: memoryview) -> Item:
+    item: Item = {}
+    position = 0
+    while position < len(buffer):
+        group, element = struct.unpack_from("<HH", buffer, position)
+        vr = bytes(buffer[position + 4 : position + 6])
+        if vr in _LONG_VRS:
+            (length,) = struct.unpack_from("<I", buffer, position + 8)
+            position += 12
+        else:
+            (length,) = struct.unpack_from("<H", buffer, position + 6)
+            position += 8
+        if length == _UNDEFINED:
+            raise SegPlacementError(f"({group:04X},{element:04X}) has an undefined length")
+        value = buffer[position : position + length]
+        item[group << 16 | element] = _items(value) if vr == b"SQ" else bytes(value)
+        position += length
+    return item
+
+
+def _encoded_items(ds: Dataset, tag: int) -> list[Item]:
+    """The items of sequence ``tag`` of ``ds`` as they will be written: its raw bytes
+    when it holds them, else encoded now."""
+    elem = ds.get_item(tag)
+    if isinstance(elem, RawDataElement) and not elem.is_implicit_VR and elem.is_little_endian:
+        return _items(memoryview(elem.value or b""))
+    return _items(memoryview(encode_items(ds[tag].value, dataset_encodings(ds), {})))
+
+
+def _numbers(value: object) -> np.ndarray:
+    """A decimal string's values (bytes as encoded, or pydicom's values)."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii").strip(" \0").split("\\")
+    return np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[attr-defined]
+
+
+def _uid(value: object) -> str:
+    return value.decode("ascii").rstrip("\0 ") if isinstance(value, bytes) else str(value)
+
+
+def _functional_item(frame: Item, shared: Item, sequence: int) -> Item | None:
     for groups in (frame, shared):
-        if sequence in groups and len(groups[sequence].value):
-            item: Dataset = groups[sequence][0]
-            return item
+        items = groups.get(sequence)
+        if isinstance(items, list) and items:
+            return items[0]
     return None
 
 
@@ -59,42 +140,46 @@ def check_seg_placement(seg: Dataset, series: LoadedSeries) -> None:
             f"frames are {seg.Rows}x{seg.Columns}, the source {source.Rows}x{source.Columns}"
         )
     by_uid = {str(ds.SOPInstanceUID): ds for ds in series.datasets}
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    frames = seg.PerFrameFunctionalGroupsSequence
+    shared = _encoded_items(seg, _SHARED)[0]
+    frames = _encoded_items(seg, _PER_FRAME)
     if len(frames) != int(seg.NumberOfFrames):
         raise SegPlacementError(
             f"{len(frames)} per-frame groups for NumberOfFrames {seg.NumberOfFrames}"
         )
     for number, frame in enumerate(frames, start=1):
-        position = _functional_item(frame, shared, "PlanePositionSequence")
-        orientation = _functional_item(frame, shared, "PlaneOrientationSequence")
-        measures = _functional_item(frame, shared, "PixelMeasuresSequence")
-        derivation = _functional_item(frame, shared, "DerivationImageSequence")
+        position = _functional_item(frame, shared, _PLANE_POSITION)
+        orientation = _functional_item(frame, shared, _PLANE_ORIENTATION)
+        measures = _functional_item(frame, shared, _PIXEL_MEASURES)
+        derivation = _functional_item(frame, shared, _DERIVATION_IMAGE)
         if position is None or orientation is None or measures is None or derivation is None:
             raise SegPlacementError(f"frame {number} lacks its plane position or source image")
+        sources = derivation.get(_SOURCE_IMAGE)
         referenced = [
-            str(item.ReferencedSOPInstanceUID) for item in derivation.get("SourceImageSequence", [])
+            _uid(item.get(_REFERENCED_SOP_INSTANCE))
+            for item in sources or []
+            if isinstance(item, dict)
         ]
         if len(referenced) != 1 or referenced[0] not in by_uid:
             raise SegPlacementError(
                 f"frame {number} names source {referenced}, not one instance of the series"
             )
         origin = by_uid[referenced[0]]
-        offset = _floats(position.ImagePositionPatient) - _floats(origin.ImagePositionPatient)
+        at = _numbers(position[_IMAGE_POSITION])
+        offset = at - _numbers(origin.ImagePositionPatient)
         if float(np.linalg.norm(offset)) > POSITION_TOLERANCE_MM:
             raise SegPlacementError(
-                f"frame {number} is at {list(position.ImagePositionPatient)}, "
+                f"frame {number} is at {at.tolist()}, "
                 f"{float(np.linalg.norm(offset)):.3f} mm from its source slice "
                 f"{referenced[0]} at {list(origin.ImagePositionPatient)}"
             )
-        cosines = _floats(orientation.ImageOrientationPatient)
-        if np.max(np.abs(cosines - _floats(origin.ImageOrientationPatient))) > _COSINE_TOLERANCE:
+        cosines = _numbers(orientation[_IMAGE_ORIENTATION])
+        if np.max(np.abs(cosines - _numbers(origin.ImageOrientationPatient))) > _COSINE_TOLERANCE:
             raise SegPlacementError(
                 f"frame {number} has orientation {cosines.tolist()}, its source "
                 f"{list(origin.ImageOrientationPatient)}"
             )
-        spacing = _floats(measures.PixelSpacing)
-        if np.max(np.abs(spacing - _floats(origin.PixelSpacing))) > 1e-4:
+        spacing = _numbers(measures[_PIXEL_SPACING])
+        if np.max(np.abs(spacing - _numbers(origin.PixelSpacing))) > 1e-4:
             raise SegPlacementError(
                 f"frame {number} has pixel spacing {spacing.tolist()}, its source "
                 f"{list(origin.PixelSpacing)}"

@@ -255,7 +255,7 @@ def build_sr(
     series: LoadedSeries,
     label_map: npt.NDArray[np.integer],
     model: SegmentationModel,
-    seg: hd.seg.Segmentation,
+    seg: Dataset,
     segments: Sequence[SegmentInfo],
     uids: ResultUids,
     *,

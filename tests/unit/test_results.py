@@ -8,7 +8,6 @@ import os
 import subprocess
 from io import BytesIO
 from pathlib import Path
-from typing import Literal
 
 import highdicom as hd
 import numpy as np
@@ -29,7 +28,6 @@ from tests.sr_reading import (
     read_volumes_ml,
 )
 from tests.validation import enforce_valid_values  # noqa: F401 (autouse)
-from workers.dicom_encoding import prepare_fast_write
 from workers.seg import SegmentInfo, build_seg
 from workers.series import LoadedSeries, load_series
 from workers.sr import SegmentMeasurement, build_sr
@@ -101,9 +99,7 @@ def build_all(
     label_map: npt.NDArray[np.uint8],
     model: SegmentationModel,
     uids: ResultUids,
-) -> tuple[
-    hd.seg.Segmentation, list[SegmentInfo], hd.sr.Comprehensive3DSR, list[SegmentMeasurement]
-]:
+) -> tuple[Dataset, list[SegmentInfo], hd.sr.Comprehensive3DSR, list[SegmentMeasurement]]:
     seg, segments = build_seg(series, label_map, model, uids)
     sr, numbers = build_sr(series, label_map, model, seg, segments, uids)
     return seg, segments, sr, numbers
@@ -551,30 +547,3 @@ def test_placement_check_passes_and_catches_a_shifted_frame(
     other_frame.FrameOfReferenceUID = derive_uid("another", "frame")
     with pytest.raises(SegPlacementError, match=r"FrameOfReferenceUID .* is not the source's"):
         check_seg_placement(other_frame, series)
-
-
-@pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
-def test_fast_write_gives_pydicoms_bytes(
-    series: LoadedSeries,
-    label_map: npt.NDArray[np.uint8],
-    model: FakeOrgans,
-    uids: ResultUids,
-    seg_type: Literal["binary", "labelmap"],
-) -> None:
-    """The pre-encoded per-frame functional groups are exactly what pydicom writes."""
-    fast, _ = build_seg(series, label_map, model, uids, seg_type=seg_type)
-    prepare_fast_write(fast, "PerFrameFunctionalGroupsSequence")  # as write_seg does
-    assert fast.get_item("PerFrameFunctionalGroupsSequence").is_raw  # pre-encoded
-    plain, _ = build_seg(series, label_map, model, uids, seg_type=seg_type)
-    timestamped = ("ContentDate", "ContentTime", "InstanceCreationDate", "InstanceCreationTime")
-    for keyword in (*timestamped, "ContributingEquipmentSequence"):
-        if keyword in fast:  # the two builds ran at different times
-            setattr(plain, keyword, fast[keyword].value)
-    encoded = []
-    for ds in (fast, plain):
-        with BytesIO() as fp:
-            ds.save_as(fp, enforce_file_format=True)
-            encoded.append(fp.getvalue())
-    assert encoded[0] == encoded[1]
-    frames = write_and_read(fast).PerFrameFunctionalGroupsSequence
-    assert len(frames) == int(plain.NumberOfFrames)
