@@ -74,7 +74,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from celery.signals import worker_process_init
 
     from node.services import broker_url
-    from workers.celery_app import app, configure, prepare_job_process
+    from workers.celery_app import app, configure, load_standard_tables, prepare_job_process
     from workers.series import owned_cores
     from workers.stages import STAGES
     from workers.stages import configure as configure_stages
@@ -96,6 +96,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         atexit.register(shutil.rmtree, stage_dir, True)
         configure_stages(stage_dir, lanes)
     processes = lanes * len(STAGES) if config.worker.overlap else lanes
+    load_standard_tables()
     if processes > 1:
         worker_process_init.connect(lambda **_: prepare_job_process(threads), weak=False)
         pool = ["--pool", "prefork", "--concurrency", str(processes), "-O", "fair"]

@@ -7,7 +7,7 @@ import signal
 
 from celery import Celery
 
-__all__ = ["app", "configure", "prepare_job_process"]
+__all__ = ["app", "configure", "load_standard_tables", "prepare_job_process"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -48,3 +48,16 @@ def prepare_job_process(torch_threads: int) -> None:
     import torch
 
     torch.set_num_threads(torch_threads)
+
+
+def load_standard_tables() -> None:
+    """Parse highdicom's tables of the DICOM standard (IODs, modules, attributes; a
+    large JSON read on first use) now, in the worker before its job processes fork: they
+    share the tables, and no job process's first SEG spends 0.4 s reading them. The
+    loaders are highdicom internals; one that is gone is skipped (the first SEG pays)."""
+    from highdicom import _standard_utils as tables
+
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        loader = getattr(tables, name, None)
+        if callable(loader):
+            loader()

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from pydicom import Dataset, dcmread
+from pydicom.pixels import get_decoder
 from pydicom.uid import ImplicitVRLittleEndian
 
 from models.base import Volume
@@ -193,9 +194,13 @@ def _sort_and_space(
 
 
 def _stored_pixels(ds: Dataset) -> npt.NDArray[Any]:
-    """The stored values of one instance's single frame, checked against its size."""
+    """The stored values of one instance's single frame, checked against its size: for
+    uncompressed data a read-only view of the pixel data where pydicom can give one
+    (``view_only``; ``ds.pixel_array`` copies it)."""
     try:
-        stored: npt.NDArray[Any] = ds.pixel_array
+        syntax = ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian)
+        # view_only is a decoder option; pydicom annotates **kwargs as one DecodeOptions.
+        stored, _ = get_decoder(syntax).as_array(ds, view_only=True)  # type: ignore[arg-type]
     except Exception as e:
         raise SeriesError(f"{_name(ds)}: cannot decode pixel data ({e})") from e
     expected = (int(ds.Rows), int(ds.Columns))
