@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from models.registry import checkpoint, model_fingerprints, reload_models, rollback
-from node.completeness import mark_quiet_series_complete
+from node.completeness import geometry_of, mark_quiet_series_complete
 from node.config import Config, ConfigError, folder_problems, load_config
 from node.dispatch import Dispatcher
 from node.routing import route_complete_studies
@@ -65,7 +65,8 @@ def recover_spool(spool: Spool, db: StateDB, *, rerun_late: bool = True) -> int:
         if instance.sop_instance_uid in known:
             continue
         try:
-            sop_class_uid = str(dcmread(instance.path, stop_before_pixels=True).SOPClassUID)
+            header = dcmread(instance.path, stop_before_pixels=True)
+            sop_class_uid = str(header.SOPClassUID)
             size, sha256 = file_digest(instance.path)
         except (OSError, ValueError, EOFError, AttributeError, InvalidDicomError) as exc:
             logger.warning("spooled file %s is unreadable: %s", instance.path, exc)
@@ -79,6 +80,7 @@ def recover_spool(spool: Spool, db: StateDB, *, rerun_late: bool = True) -> int:
             path=instance.path,
             size=size,
             sha256=sha256,
+            geometry=geometry_of(header),
             rerun_late=rerun_late,
         )
         known.add(instance.sop_instance_uid)

@@ -16,16 +16,79 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+from pydicom import Dataset
+from pydicom.multival import MultiValue
 
 from node.state import StateDB
 
-__all__ = ["GAP_FACTOR", "mark_quiet_series_complete", "missing_slices"]
+__all__ = [
+    "GAP_FACTOR",
+    "NOT_JUDGED",
+    "decode_geometry",
+    "encode_geometry",
+    "geometry_of",
+    "mark_quiet_series_complete",
+    "missing_slices",
+]
 
 logger = logging.getLogger(__name__)
 
 #: A step between neighbouring slices this many times the series' usual step (its
 #: median) or more means at least one slice is missing.
 GAP_FACTOR = 1.5
+
+
+#: The recorded geometry of an instance the gap check does not judge: no patient
+#: geometry, or a multi-frame image (its frames have their own positions).
+NOT_JUDGED = ""
+
+
+def encode_geometry(position: str | None, orientation: str | None, frames: str | None) -> str:
+    """An instance's geometry as the state DB records it on receipt, from the header's
+    ImagePositionPatient, ImageOrientationPatient and NumberOfFrames values as text
+    (backslash-separated), so the gap check needs no file: "position|orientation", or
+    :data:`NOT_JUDGED`."""
+    try:
+        multi_frame = int((frames or "1").strip() or "1") > 1
+    except ValueError:
+        return NOT_JUDGED
+    if multi_frame or not position or not orientation:
+        return NOT_JUDGED
+    return f"{position.strip()}|{orientation.strip()}"
+
+
+def geometry_of(header: Dataset) -> str:
+    """:func:`encode_geometry` of a header read by pydicom (an unreadable value: not
+    judged)."""
+
+    def text(keyword: str) -> str | None:
+        value = header.get(keyword)
+        if value is None:
+            return None
+        if isinstance(value, (list, MultiValue)):
+            return "\\".join(str(v) for v in value)
+        return str(value)
+
+    try:
+        return encode_geometry(
+            text("ImagePositionPatient"), text("ImageOrientationPatient"), text("NumberOfFrames")
+        )
+    except (ValueError, TypeError):
+        return NOT_JUDGED
+
+
+def decode_geometry(geometry: str) -> tuple[list[float], list[float]] | None:
+    """(position, orientation) of a recorded geometry; None when not judged or not
+    three and six numbers."""
+    position, _, orientation = geometry.partition("|")
+    try:
+        numbers = (
+            [float(v) for v in position.split("\\")],
+            [float(v) for v in orientation.split("\\")],
+        )
+    except ValueError:
+        return None
+    return numbers if (len(numbers[0]), len(numbers[1])) == (3, 6) else None
 
 
 def mark_quiet_series_complete(db: StateDB, quiet_seconds: float, now: float | None = None) -> int:

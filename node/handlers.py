@@ -15,7 +15,7 @@ import struct
 import threading
 import zlib
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pydicom import Dataset
 from pydicom.filereader import read_dataset
@@ -24,6 +24,7 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.events import Event
 
+from node.completeness import encode_geometry, geometry_of
 from node.config import Config, Peer
 from node.spool import InvalidUIDError, Spool, check_uid
 from node.state import ReceiptValues, StateDB
@@ -206,32 +207,57 @@ def _encode_file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax
     return group_length + elements
 
 
-def _stop_after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return bool(tag > _SERIES_INSTANCE_UID)
+def _stop_after_frames(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag > _NUMBER_OF_FRAMES)
 
 
 _STUDY_INSTANCE_UID = 0x0020000D
+_IMAGE_POSITION = 0x00200032
+_IMAGE_ORIENTATION = 0x00200037
+_NUMBER_OF_FRAMES = 0x00280008
+_RECORDED = (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _IMAGE_POSITION, _IMAGE_ORIENTATION)
 # Explicit VRs whose length field is 4 bytes after two reserved ones (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
-def _scan_study_and_series(data: memoryview, implicit_vr: bool) -> tuple[str, str] | None:
-    """Study and Series Instance UIDs from a Little Endian dataset, by skipping elements.
+class ReceivedHeader(NamedTuple):
+    """What the node records of an instance from its header as received."""
 
-    Walks the top-level elements up to (0020,000E) by their lengths alone. Returns None
+    study_instance_uid: str
+    series_instance_uid: str
+    geometry: str  # node.completeness.encode_geometry
+
+
+def _header(values: dict[int, str]) -> ReceivedHeader:
+    return ReceivedHeader(
+        values.get(_STUDY_INSTANCE_UID, ""),
+        values.get(_SERIES_INSTANCE_UID, ""),
+        encode_geometry(
+            values.get(_IMAGE_POSITION),
+            values.get(_IMAGE_ORIENTATION),
+            values.get(_NUMBER_OF_FRAMES),
+        ),
+    )
+
+
+def _scan_header(data: memoryview, implicit_vr: bool) -> ReceivedHeader | None:
+    """Study and Series Instance UIDs and the slice geometry from a Little Endian
+    dataset, by skipping elements.
+
+    Walks the top-level elements up to (0028,0008) by their lengths alone. Returns None
     where that is not enough (an undefined length, an unknown VR, data that ends early),
     and the caller lets pydicom read the header instead.
     """
-    study = ""
+    values: dict[int, str] = {}
     offset = 0
     end = len(data)
     while offset + 8 <= end:
         group, element = struct.unpack_from("<HH", data, offset)
         tag = group << 16 | element
-        if tag > _SERIES_INSTANCE_UID:
-            return study, ""  # no SeriesInstanceUID: the caller refuses the instance
+        if tag > _NUMBER_OF_FRAMES:
+            return _header(values)
         if implicit_vr:
             (length,) = struct.unpack_from("<I", data, offset + 4)
             offset += 8
@@ -249,24 +275,22 @@ def _scan_study_and_series(data: memoryview, implicit_vr: bool) -> tuple[str, st
                 return None
         if length == _UNDEFINED_LENGTH or offset + length > end:
             return None
-        if tag in (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID):
-            value = bytes(data[offset : offset + length]).decode("ascii").rstrip("\0 ")
-            if tag == _SERIES_INSTANCE_UID:
-                return study, value
-            study = value
+        if tag in _RECORDED or tag == _NUMBER_OF_FRAMES:
+            text = bytes(data[offset : offset + length]).decode("ascii", errors="replace")
+            values[tag] = text.rstrip("\0 ")
         offset += length
     # The data ended: fine only if it ended exactly after an element.
-    return (study, "") if offset == end else None
+    return _header(values) if offset == end else None
 
 
-def _read_study_and_series(event: Event) -> tuple[str, str]:
-    """Study and Series Instance UIDs, read from the received bytes without decoding the rest."""
+def _read_header(event: Event) -> ReceivedHeader:
+    """UIDs and geometry, read from the received bytes without decoding the rest."""
     request = cast(Any, event.request)
     stream = cast(BytesIO, request.DataSet)
     transfer_syntax = UID(event.context.transfer_syntax)
     if transfer_syntax.is_little_endian and not transfer_syntax.is_deflated:
         with stream.getbuffer() as data:
-            found = _scan_study_and_series(data, transfer_syntax.is_implicit_VR)
+            found = _scan_header(data, transfer_syntax.is_implicit_VR)
         if found is not None:
             return found
     if transfer_syntax.is_deflated:
@@ -276,11 +300,13 @@ def _read_study_and_series(event: Event) -> tuple[str, str]:
         stream,
         transfer_syntax.is_implicit_VR,
         transfer_syntax.is_little_endian,
-        stop_when=_stop_after_series_uid,
+        stop_when=_stop_after_frames,
     )
-    study = str(header.get("StudyInstanceUID", ""))
-    series = str(header.get("SeriesInstanceUID", ""))
-    return study, series
+    return ReceivedHeader(
+        str(header.get("StudyInstanceUID", "")),
+        str(header.get("SeriesInstanceUID", "")),
+        geometry_of(header),
+    )
 
 
 def handle_store(
@@ -302,7 +328,7 @@ def handle_store(
     try:
         sop_instance_uid = check_uid(str(request.AffectedSOPInstanceUID), "SOPInstanceUID")
         sop_class_uid = check_uid(str(request.AffectedSOPClassUID), "SOPClassUID")
-        study_uid, series_uid = _read_study_and_series(event)
+        study_uid, series_uid, geometry = _read_header(event)
         spool.check_uids(study_uid, series_uid, sop_instance_uid)
     except (InvalidUIDError, ValueError, EOFError, OSError, zlib.error) as exc:
         logger.warning("refused an instance from %s: %s", calling_ae, exc)
@@ -329,6 +355,7 @@ def handle_store(
             path=written.path,
             size=written.size,
             sha256=written.sha256,
+            geometry=geometry,
             rerun_late=config.completion.late == "rerun",
         )
     except (OSError, sqlite3.Error) as exc:

@@ -28,7 +28,7 @@ from pydicom.errors import InvalidDicomError
 
 from models.base import InputKindValues, Model, OrientationValues, orientation_of
 from models.registry import get_model_class
-from node.completeness import missing_slices
+from node.completeness import decode_geometry, geometry_of, missing_slices
 from node.config import Rule
 from node.rules import input_conditions, route_series, series_matches
 from node.state import PlannedJob, SeriesPlan, SeriesStateValues, StateDB
@@ -242,24 +242,31 @@ def lineage(
 _GEOMETRY_TAGS = ["ImagePositionPatient", "ImageOrientationPatient", "NumberOfFrames"]
 
 
+def _recorded_geometry(path: Path, geometry: str | None) -> str | None:
+    """An instance's geometry as recorded on receipt, or read from its file when the
+    DB has none (recorded before schema 4); None when the file is unreadable."""
+    if geometry is not None:
+        return geometry
+    try:
+        return geometry_of(dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS))
+    except (OSError, InvalidDicomError, EOFError, ValueError):
+        return None  # the worker names an unreadable file
+
+
 def _gap_reason(db: StateDB, series_instance_uid: str) -> str | None:
     """Why the series' stack has a hole (naming each missing position), or None.
 
     Multi-frame instances and images without patient geometry are not judged.
     """
     positions = []
-    orientation = None
-    for path in db.instance_paths(series_instance_uid):
-        try:
-            header = dcmread(path, stop_before_pixels=True, specific_tags=_GEOMETRY_TAGS)
-        except (OSError, InvalidDicomError, EOFError, ValueError):
-            return None  # the worker names an unreadable file
-        if int(header.get("NumberOfFrames", 1) or 1) > 1:
+    orientation: list[float] | None = None
+    for path, recorded in db.instance_geometries(series_instance_uid):
+        geometry = _recorded_geometry(path, recorded)
+        decoded = None if geometry is None else decode_geometry(geometry)
+        if decoded is None:
             return None
-        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
-            return None
-        positions.append([float(v) for v in header.ImagePositionPatient])
-        orientation = [float(v) for v in header.ImageOrientationPatient]
+        positions.append(decoded[0])
+        orientation = decoded[1]
     if orientation is None:
         return None
     missing = missing_slices(positions, orientation)

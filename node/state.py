@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the tables change; a DB of another version is refused at start.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class SeriesStateValues(enum.StrEnum):
@@ -84,6 +84,11 @@ class DeliveryStateValues(enum.StrEnum):
     FAILED = "failed"
 
 
+#: Changes that bring a DB of an older schema to :data:`SCHEMA_VERSION` in place.
+_MIGRATIONS = {
+    3: ("ALTER TABLE instances ADD COLUMN geometry TEXT",),
+}
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_instance_uid TEXT PRIMARY KEY,
@@ -105,7 +110,8 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     received_at REAL NOT NULL,
-    late INTEGER NOT NULL DEFAULT 0
+    late INTEGER NOT NULL DEFAULT 0,
+    geometry TEXT  -- node.completeness.encode_geometry; NULL: not recorded (schema 3)
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -360,6 +366,10 @@ class StateDB:
         with self._lock:
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             tables = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables and version in _MIGRATIONS and not read_only:
+                for step in _MIGRATIONS[version]:
+                    self._conn.execute(step)
+                version = SCHEMA_VERSION
             if (tables or read_only) and version != SCHEMA_VERSION:
                 self._conn.close()
                 raise StateDBError(
@@ -410,6 +420,7 @@ class StateDB:
         path: Path,
         size: int,
         sha256: str,
+        geometry: str | None = None,
         rerun_late: bool = True,
         received_at: float | None = None,
     ) -> Receipt:
@@ -420,7 +431,9 @@ class StateDB:
         Anything else is stored; when its series had already completed, the instance is
         late: with ``rerun_late`` the series is receiving again (it will be routed again
         and a job whose input changed runs as a new version), otherwise the instance is
-        kept, counted in ``late_instances`` and left out of the series.
+        kept, counted in ``late_instances`` and left out of the series. ``geometry`` is
+        what the slice-gap check needs of it (:func:`node.completeness.encode_geometry`;
+        None: not known, the check reads the file).
         """
         now = time.time() if received_at is None else received_at
         with self._transaction() as conn:
@@ -479,8 +492,8 @@ class StateDB:
                 left_out = bool(existing["late"])
             conn.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, series_instance_uid, "
-                "sop_class_uid, path, size, sha256, received_at, late) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "sop_class_uid, path, size, sha256, received_at, late, geometry) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     sop_instance_uid,
                     series_instance_uid,
@@ -490,6 +503,7 @@ class StateDB:
                     sha256,
                     now,
                     int(left_out),
+                    geometry,
                 ),
             )
         return Receipt(kind, late=late, reopened=reopened)
@@ -525,6 +539,16 @@ class StateDB:
     def instance_paths(self, series_instance_uid: str) -> list[Path]:
         """The files of a series' instances (late ones kept under ``keep`` left out)."""
         return [Path(i.path) for i in self._instances(series_instance_uid)]
+
+    def instance_geometries(self, series_instance_uid: str) -> list[tuple[Path, str | None]]:
+        """Each of a series' instances (as :meth:`instance_paths`) with the geometry
+        recorded on receipt (None: not recorded)."""
+        rows = self._query(
+            "SELECT path, geometry FROM instances WHERE series_instance_uid = ? AND late = 0 "
+            "ORDER BY path",
+            (series_instance_uid,),
+        )
+        return [(Path(r["path"]), r["geometry"]) for r in rows]
 
     def instance_count(self, series_instance_uid: str) -> int:
         return len(self._instances(series_instance_uid))

@@ -223,6 +223,34 @@ def test_a_db_of_another_schema_is_refused_with_advice(tmp_path: Path) -> None:
         StateDB(path)
 
 
+def test_a_schema_3_db_gains_recorded_geometry_in_place(tmp_path: Path) -> None:
+    """A DB from before geometry was recorded on receipt keeps its rows; theirs is
+    unknown (None: the gap check reads their files), new ones carry it."""
+    path = tmp_path / "state.db"
+    db = StateDB(path)
+    _receive(db, "1.1", at=1.0)
+    db.close()
+    old = sqlite3.connect(path)
+    old.execute("ALTER TABLE instances DROP COLUMN geometry")
+    old.execute("PRAGMA user_version = 3")
+    old.commit()
+    old.close()
+    db = StateDB(path)
+    db.record_instance(
+        sop_instance_uid="1.2", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        series_instance_uid=SERIES, study_instance_uid=STUDY, calling_ae_title="SCANNER",
+        path=Path(f"/spool/{SERIES}/1.2.dcm"), size=0, sha256="0" * 64,
+        geometry="0\\0\\1|1\\0\\0\\0\\1\\0",
+    )  # fmt: skip
+    assert db.instance_geometries(SERIES) == [
+        (Path(f"/spool/{SERIES}/1.1.dcm"), None),
+        (Path(f"/spool/{SERIES}/1.2.dcm"), "0\\0\\1|1\\0\\0\\0\\1\\0"),
+    ]
+    db.close()
+    version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+    assert version == 4
+
+
 def test_unmatched_series_is_ignored_with_reason(db: StateDB) -> None:
     _receive(db, "1.1", at=1.0)
     db.mark_series_complete(SERIES)

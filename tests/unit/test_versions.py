@@ -233,7 +233,13 @@ def test_a_version_waits_for_every_earlier_one_and_input_seen_again_gets_new_uid
     db.close()
 
 
-def test_a_gap_waits_once_for_a_complete_series_and_never_loops(tmp_path: Path) -> None:
+@pytest.mark.parametrize("geometry", ["recorded on receipt", "read from the files"])
+def test_a_gap_waits_once_for_a_complete_series_and_never_loops(
+    tmp_path: Path, geometry: str
+) -> None:
+    """The same with the slice geometry the node recorded on receipt (the files are
+    gone: the check reads none) and with a DB from before that (schema 3)."""
+    from node.completeness import geometry_of
     from node.routing import _check_gaps
     from node.state import SeriesPlan, SeriesStateValues
     from workers.contract import file_digest
@@ -243,13 +249,18 @@ def test_a_gap_waits_once_for_a_complete_series_and_never_loops(tmp_path: Path) 
     files[6].unlink()
     db = StateDB(tmp_path / "state.db")
     series_uid = str(dcmread(files[0]).SeriesInstanceUID)
+    recorded = geometry == "recorded on receipt"
     for path in files[:6] + files[7:]:
         size, sha256 = file_digest(path)
+        header = dcmread(path)
         db.record_instance(
-            sop_instance_uid=str(dcmread(path).SOPInstanceUID),
+            sop_instance_uid=str(header.SOPInstanceUID),
             sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_instance_uid=series_uid,
             study_instance_uid="1.2.3", calling_ae_title="S", path=path, size=size, sha256=sha256,
+            geometry=geometry_of(header) if recorded else None,
         )  # fmt: skip
+        if recorded:
+            path.unlink()
     db.mark_series_complete(series_uid)
     plans = {series_uid: SeriesPlan([PlannedJob("ct-tissue", "r", [], lineage="1.2.3/ct")])}
     assert _check_gaps(db, plans) is None  # complete: one more quiet period

@@ -17,7 +17,8 @@ from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode, encode_file_meta
 
-from node.handlers import _encode_file_meta, _scan_study_and_series
+from node.completeness import NOT_JUDGED, decode_geometry, geometry_of
+from node.handlers import _encode_file_meta, _scan_header
 from node.transport import _encode_c_store_rsp
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -67,14 +68,35 @@ def _encoded(ds: Dataset, implicit: bool) -> bytes:
 @pytest.mark.parametrize("with_sequence", [True, False])
 def test_uid_scan_finds_study_and_series(implicit: bool, with_sequence: bool) -> None:
     data = _encoded(_dataset(with_sequence, undefined_length=False), implicit)
-    assert _scan_study_and_series(memoryview(data), implicit) == ("1.2.3.5", "1.2.3.55")
+    found = _scan_header(memoryview(data), implicit)
+    assert found is not None
+    assert found[:2] == ("1.2.3.5", "1.2.3.55")
+
+
+@pytest.mark.parametrize("implicit", [True, False])
+def test_header_scan_records_the_slice_geometry_as_pydicom_reads_it(implicit: bool) -> None:
+    ds = _dataset(with_sequence=True, undefined_length=False)
+    ds.ImagePositionPatient = ["-100.5", "-120", "37.25"]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    found = _scan_header(memoryview(_encoded(ds, implicit)), implicit)
+    assert found is not None
+    assert found.geometry == geometry_of(ds)
+    assert decode_geometry(found.geometry) == ([-100.5, -120.0, 37.25], [1, 0, 0, 0, 1, 0])
+    ds.NumberOfFrames = 4  # multi-frame: its frames have their own positions
+    found = _scan_header(memoryview(_encoded(ds, implicit)), implicit)
+    assert found is not None
+    assert found.geometry == NOT_JUDGED == geometry_of(ds)
+    del ds.NumberOfFrames, ds.ImageOrientationPatient
+    found = _scan_header(memoryview(_encoded(ds, implicit)), implicit)
+    assert found is not None
+    assert found.geometry == NOT_JUDGED
 
 
 def test_uid_scan_gives_up_where_pydicom_is_needed() -> None:
     data = _encoded(_dataset(with_sequence=True, undefined_length=True), implicit=False)
-    assert _scan_study_and_series(memoryview(data), implicit_vr=False) is None
+    assert _scan_header(memoryview(data), implicit_vr=False) is None
     truncated = _encoded(_dataset(False, False), implicit=False)[:40]
-    assert _scan_study_and_series(memoryview(truncated), implicit_vr=False) is None
+    assert _scan_header(memoryview(truncated), implicit_vr=False) is None
 
 
 @pytest.mark.parametrize("status", [0x0000, 0xA700, 0xC000, 0xB000])
