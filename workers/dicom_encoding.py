@@ -16,7 +16,7 @@ again to check them). Explicit VR Little Endian with defined lengths only.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from pydicom import Dataset
 from pydicom.charset import convert_encodings
@@ -36,6 +36,8 @@ __all__ = [
     "encode_item",
     "encode_items",
     "encode_sequence",
+    "encode_ui",
+    "encode_ul",
     "mark_encoded",
     "raw_sequence",
 ]
@@ -97,6 +99,21 @@ def encode_items(
             encode_item(b"".join(encode_element(e, encodings, cache, replace) for e in item))
         )
     return b"".join(encoded)
+
+
+def encode_ui(tag: int, uid: str) -> bytes:
+    """A UI element, as pydicom writes it (padded with a NUL to an even length)."""
+    value = uid.encode("ascii")
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, b"UI", len(value)) + value
+
+
+def encode_ul(tag: int, values: Sequence[int]) -> bytes:
+    """A UL element of ``values``."""
+    return struct.pack(
+        f"<HH2sH{len(values)}I", tag >> 16, tag & 0xFFFF, b"UL", 4 * len(values), *values
+    )
 
 
 def encode_sequence(tag: int, encoded_items: bytes) -> bytes:

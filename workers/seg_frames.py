@@ -36,7 +36,7 @@ import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector, get_volume_positions
-from pydicom import Dataset, config
+from pydicom import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian
@@ -46,8 +46,11 @@ from workers.dicom_encoding import (
     ElementCache,
     dataset_encodings,
     encode_element,
+    encode_item,
     encode_items,
     encode_sequence,
+    encode_ui,
+    encode_ul,
     raw_sequence,
 )
 
@@ -217,10 +220,7 @@ def _frames(
         if parts is None:
             parts = per_plane[k] = {
                 _DERIVATION_IMAGE: encode_element(
-                    templates[0][_DERIVATION_IMAGE],
-                    encodings,
-                    cache,
-                    _naming(source_images[k], encodings, cache),
+                    templates[0][_DERIVATION_IMAGE], encodings, cache, _naming(source_images[k])
                 ),
                 _PLANE_POSITION: encode_element(
                     DataElement(_PLANE_POSITION, "SQ", positions[k]), encodings, cache
@@ -232,8 +232,19 @@ def _frames(
     frames: list[npt.NDArray[Any]] = []
     for channel, template in enumerate(templates):
         segment = channel + 1
-        content = template[_FRAME_CONTENT]
-        index_values = content.value[0].DimensionIndexValues
+        # The template's elements, encoded once where they do not vary from frame to frame.
+        fixed = {
+            elem.tag: encode_element(elem, encodings, cache)
+            for elem in template
+            if elem.tag not in (_DERIVATION_IMAGE, _FRAME_CONTENT, _PLANE_POSITION)
+        }
+        content = template[_FRAME_CONTENT].value[0]
+        content_fixed = {
+            elem.tag: encode_element(elem, encodings, cache)
+            for elem in content
+            if elem.tag != _DIMENSION_INDEX_VALUES
+        }
+        index_values = content.DimensionIndexValues
         leading = list(index_values)[:-1] if isinstance(index_values, MultiValue) else []
         for dimension_index, k in enumerate(planes, start=1):
             frame = pixel_array[k]
@@ -244,28 +255,26 @@ def _frames(
                 if omit and not frame.any():
                     continue
             frames.append(frame)
-            index = _element(_DIMENSION_INDEX_VALUES, "UL", [*leading, dimension_index])
-            frame_content = encode_element(
-                content, encodings, cache, {index.tag: encode_element(index, encodings, cache)}
+            index = encode_ul(_DIMENSION_INDEX_VALUES, [*leading, dimension_index])
+            frame_content = encode_sequence(
+                _FRAME_CONTENT,
+                encode_item(_in_order({**content_fixed, _DIMENSION_INDEX_VALUES: index})),
             )
-            replace = {**plane_parts(k), _FRAME_CONTENT: frame_content}
-            items.append(encode_items([template], encodings, cache, replace))
+            parts = {**fixed, **plane_parts(k), _FRAME_CONTENT: frame_content}
+            items.append(encode_item(_in_order(parts)))
     return items, frames
 
 
-def _element(tag: int, vr: str, value: Any) -> DataElement:
-    """A data element of values taken from valid elements (not checked again)."""
-    return DataElement(tag, vr, value, validation_mode=config.IGNORE)
+def _in_order(elements: dict[int, bytes]) -> bytes:
+    """Encoded elements joined in tag order, as a dataset holds them."""
+    return b"".join(elements[tag] for tag in sorted(elements))
 
 
-def _naming(image: Dataset, encodings: list[str], cache: ElementCache) -> dict[int, bytes]:
+def _naming(image: Dataset) -> dict[int, bytes]:
     """Encoded Referenced SOP Class and Instance UIDs naming ``image``."""
     return {
-        tag: encode_element(_element(tag, "UI", value), encodings, cache)
-        for tag, value in (
-            (_REFERENCED_SOP_CLASS, image.SOPClassUID),
-            (_REFERENCED_SOP_INSTANCE, image.SOPInstanceUID),
-        )
+        _REFERENCED_SOP_CLASS: encode_ui(_REFERENCED_SOP_CLASS, image.SOPClassUID),
+        _REFERENCED_SOP_INSTANCE: encode_ui(_REFERENCED_SOP_INSTANCE, image.SOPInstanceUID),
     }
 
 
@@ -293,9 +302,7 @@ def _reference_sources(
     """SourceImageSequence and ReferencedSeriesSequence (common instance reference)
     naming every source image, in the template's item layout, pre-encoded."""
     references = b"".join(
-        encode_items(
-            [seg.SourceImageSequence[0]], encodings, cache, _naming(image, encodings, cache)
-        )
+        encode_items([seg.SourceImageSequence[0]], encodings, cache, _naming(image))
         for image in source_images
     )
     series = encode_items(
