@@ -31,11 +31,14 @@ from pydicom.uid import (
 
 __all__ = [
     "CRANIUM_PATH",
+    "SEG_GEOMETRIES",
     "ChestPhantom",
+    "Geometry",
     "Orientation",
     "chest_phantom",
     "cranium_hu",
     "orientation_cosines",
+    "rotated_about_y",
     "write_broken_file",
     "write_ct_series",
 ]
@@ -51,6 +54,49 @@ BONE_HU = 700
 
 Vector3 = tuple[float, float, float]
 Orientation = Literal["axial", "sagittal", "coronal", "oblique"]
+
+Cosines = tuple[Sequence[float], Sequence[float]]
+
+
+def rotated_about_y(degrees: float) -> Cosines:
+    """Axial cosines turned about the patient's y (anterior-posterior) axis."""
+    a = np.deg2rad(degrees)
+    return (float(np.cos(a)), 0.0, float(-np.sin(a))), (0.0, 1.0, 0.0)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a test CT series is written (``empty_end_slices``: for the test to make)."""
+
+    orientation: Orientation | Cosines = "axial"
+    feet_first: bool = False
+    shuffle: bool = False
+    empty_end_slices: bool = False
+
+    def series_options(self) -> dict[str, Any]:
+        """The :func:`write_ct_series` arguments of this geometry."""
+        return {"orientation": self.orientation, "feet_first": self.feet_first,
+                "shuffle": self.shuffle}  # fmt: skip
+
+
+#: Every geometry the SEG tests write a series in.
+SEG_GEOMETRIES = {
+    "axial-head-first": Geometry(),
+    "axial-feet-first": Geometry(feet_first=True),
+    "axial-shuffled": Geometry(shuffle=True),
+    "axial-feet-first-shuffled": Geometry(feet_first=True, shuffle=True),
+    # Row +x, column -y: the slice normal points to the feet (-z).
+    "axial-normal-to-feet": Geometry(orientation=((1.0, 0.0, 0.0), (0.0, -1.0, 0.0))),
+    "sagittal": Geometry(orientation="sagittal"),
+    "coronal": Geometry(orientation="coronal"),
+    "coronal-feet-first": Geometry(orientation="coronal", feet_first=True),
+    # Axial turned 20 degrees about x, then 15 degrees about z.
+    "oblique-named": Geometry(orientation="oblique"),
+    "oblique-30-about-y": Geometry(orientation=rotated_about_y(30.0)),
+    # First and last slice hold no label at all, so no frame of the SEG covers them.
+    "axial-empty-end-slices": Geometry(empty_end_slices=True),
+}
+
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _COMPRESSED = (RLELossless, JPEG2000Lossless)

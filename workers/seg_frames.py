@@ -150,8 +150,8 @@ def build_segmentation(
             image_positions=position_values.tolist(),
             image_orientation=orientation.ImageOrientationPatient,
         )
-        if spacing is None:
-            del pixel_measures.SpacingBetweenSlices
+        if spacing is None:  # not a regular stack
+            pixel_measures.pop("SpacingBetweenSlices", None)
         else:
             pixel_measures.SpacingBetweenSlices = format_number_as_ds(spacing)
     if len(included) > 1 and len(templates) == 1:  # one channel: LABELMAP, one segment
@@ -172,6 +172,7 @@ def build_segmentation(
     seg.NumberOfFrames = len(frame_items)
     dtype = np.uint8 if int(seg.BitsAllocated) <= 8 else np.uint16
     pixel_data = _pack(frames, dtype, binary)
+    # An odd length is padded as highdicom pads it (with b"0", not a NUL).
     seg.PixelData = pixel_data + b"0" if len(pixel_data) % 2 else pixel_data
     _reference_sources(seg, source_images, encodings, cache)
     return seg

@@ -1,7 +1,7 @@
 """pacsnode's SEG writer (workers.seg_frames) against highdicom's own: the same bytes.
 
-For every geometry the suite uses (axial head and feet first, sagittal, coronal,
-oblique, shuffled files), both encodings (BINARY, LABELMAP) and with and without empty
+For every geometry the SEG tests use (``tests.dicom_factory.SEG_GEOMETRIES``: axial
+head and feet first, reversed normal, shuffled files, sagittal, coronal, oblique), both encodings (BINARY, LABELMAP) and with and without empty
 frames, ``build_seg`` then ``write_seg`` must write exactly the file that
 ``highdicom.seg.Segmentation`` over the whole series writes (``with_highdicom=True``),
 and so must the special cases: one segment (a 3D dimension organization), frames that
@@ -26,21 +26,13 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ImplicitVRLittleEndian
 
 from models.base import Code, LabelSpec, SegmentationModel, Volume
-from tests.dicom_factory import write_ct_series
+from tests.dicom_factory import SEG_GEOMETRIES, write_ct_series
 from workers.seg import build_seg, write_seg
 from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import LoadedSeries, load_series
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
-GEOMETRIES: dict[str, dict[str, Any]] = {
-    "axial head first": {},
-    "axial feet first": {"feet_first": True},
-    "sagittal": {"orientation": "sagittal"},
-    "coronal": {"orientation": "coronal"},
-    "oblique": {"orientation": "oblique"},
-    "shuffled files": {"shuffle": True},
-}
 SHAPE = (7, 32, 40)
 SPACING_MM = (2.0, 0.75, 0.8)
 TISSUE = Code("85756007", "SCT", "Tissue")
@@ -127,14 +119,14 @@ def _first_difference(ours: bytes, theirs: bytes) -> str:
 
 @pytest.mark.parametrize("omit_empty_frames", [True, False])
 @pytest.mark.parametrize("seg_type", ["binary", "labelmap"])
-@pytest.mark.parametrize("geometry", list(GEOMETRIES))
+@pytest.mark.parametrize("geometry", list(SEG_GEOMETRIES))
 def test_same_bytes_as_highdicom(
     tmp_path: Path,
     geometry: str,
     seg_type: Literal["binary", "labelmap"],
     omit_empty_frames: bool,
 ) -> None:
-    series = _series(tmp_path / "ct", **GEOMETRIES[geometry])
+    series = _series(tmp_path / "ct", **SEG_GEOMETRIES[geometry].series_options())
     ours, theirs, seg = _both(
         series,
         _label_map(),

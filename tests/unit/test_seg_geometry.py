@@ -38,8 +38,9 @@ from models.base import SegmentationModel, Volume
 from models.registry import get_segmentation_model
 from tests.dicom_factory import (
     BONE_HU,
+    SEG_GEOMETRIES,
     SOFT_TISSUE_HU,
-    Orientation,
+    Geometry,
     chest_phantom,
     write_ct_series,
 )
@@ -64,41 +65,7 @@ _LPS_TO_RAS = np.array([-1.0, -1.0, 1.0])
 
 SEGIMAGE2ITKIMAGE = "segimage2itkimage"
 
-Cosines = tuple[Sequence[float], Sequence[float]]
-
-
-def _rotated_about_y(degrees: float) -> Cosines:
-    """Axial cosines turned about the patient's y (anterior-posterior) axis."""
-    a = np.deg2rad(degrees)
-    return (float(np.cos(a)), 0.0, float(-np.sin(a))), (0.0, 1.0, 0.0)
-
-
-@dataclass(frozen=True)
-class Geometry:
-    """How the CT series is written."""
-
-    orientation: Orientation | Cosines = "axial"
-    feet_first: bool = False
-    shuffle: bool = False
-    empty_end_slices: bool = False
-
-
-GEOMETRIES = {
-    "axial-head-first": Geometry(),
-    "axial-feet-first": Geometry(feet_first=True),
-    "axial-shuffled": Geometry(shuffle=True),
-    "axial-feet-first-shuffled": Geometry(feet_first=True, shuffle=True),
-    # Row +x, column -y: the slice normal points to the feet (-z).
-    "axial-normal-to-feet": Geometry(orientation=((1.0, 0.0, 0.0), (0.0, -1.0, 0.0))),
-    "sagittal": Geometry(orientation="sagittal"),
-    "coronal": Geometry(orientation="coronal"),
-    "coronal-feet-first": Geometry(orientation="coronal", feet_first=True),
-    # Axial turned 20 degrees about x, then 15 degrees about z.
-    "oblique-named": Geometry(orientation="oblique"),
-    "oblique-30-about-y": Geometry(orientation=_rotated_about_y(30.0)),
-    # First and last slice hold no label at all, so no frame of the SEG covers them.
-    "axial-empty-end-slices": Geometry(empty_end_slices=True),
-}
+GEOMETRIES = SEG_GEOMETRIES
 
 
 def _asymmetric_hu(*, empty_end_slices: bool) -> npt.NDArray[np.int16]:
@@ -194,9 +161,7 @@ def _round_trip(tmp_path: Path, model: SegmentationModel, geometry: Geometry) ->
         _asymmetric_hu(empty_end_slices=geometry.empty_end_slices),
         tmp_path / "ct",
         spacing_mm=SPACING_MM,
-        orientation=geometry.orientation,
-        feet_first=geometry.feet_first,
-        shuffle=geometry.shuffle,
+        **geometry.series_options(),
     )
     series = load_series(paths)
     label_map = model.predict(series.volume)
