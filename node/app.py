@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from models.registry import checkpoint, model_fingerprints, reload_models, rollback
 from node.completeness import geometry_of, mark_quiet_series_complete
 from node.config import Config, ConfigError, folder_problems, load_config
+from node.disk_guard import DiskGuard
 from node.dispatch import Dispatcher
 from node.routing import route_complete_studies
 from node.scp import start_scp
@@ -113,6 +114,7 @@ class Node:
         data_dir.mkdir(parents=True, exist_ok=True)
         self.db = StateDB(data_dir / "state.db")
         self.spool = Spool(data_dir / "spool")
+        self.disk_guard = DiskGuard(self.spool.root, config.storage)
         self.redis = EmbeddedRedis(data_dir) if config.embedded_broker else None
         self.worker = WorkerProcess(self.config_path) if config.embedded_broker else None
         configure_celery(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
@@ -127,8 +129,8 @@ class Node:
     def _reload(self) -> None:
         """SIGHUP: read the model folders and config.yaml again, without a restart.
 
-        The rules, destinations, results and delivery settings take effect for the next
-        job and delivery (a rule switched from shadow to live, a new destination); jobs
+        The rules, destinations, results, delivery and storage settings take effect for
+        the next job, delivery and instance (a rule switched from shadow to live, a new destination); jobs
         already created keep what they were dispatched with. Settings the SCP and the
         processes were started with (node, peers, completion, broker, worker,
         models_dir) need a restart; a change to them is logged and left for then. The
@@ -165,6 +167,7 @@ class Node:
         logger.info("models reloaded: %s", ", ".join(names))
         applied = config.model_copy(update={key: getattr(self.config, key) for key in pending})
         self.config = self.dispatcher.config = self.sender.config = applied
+        self.disk_guard.settings = applied.storage
         logger.info("configuration reloaded from %s", self.config_path)
         fingerprints = model_fingerprints()
         if fingerprints != self.fingerprints and self.worker is not None:
@@ -195,7 +198,7 @@ class Node:
         requeued = self.dispatcher.requeue_unfinished("requeued after the node restarted")
         if requeued:
             logger.warning("requeued %d unfinished jobs", requeued)
-        server = start_scp(self.config, self.spool, self.db)
+        server = start_scp(self.config, self.spool, self.db, self.disk_guard)
         sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender_thread.start()
         try:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.config import Config, ConfigError, load_config
+from node.state import JobStateValues
 
 if TYPE_CHECKING:
     from node.state import StateDB
@@ -303,7 +304,7 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
     db = _read_state(config)
     if db is None:
         return EXIT_FAILED
-    jobs = db.jobs()
+    jobs = db.jobs(args.state, since=args.since, study_instance_uid=args.study)
     _out(f"{'JOB':>5}  {'REV':>3}  {'STATE':<13}  {'MODEL':<14}  {'UPDATED':<19}  SERIES / REASON")
     for job in jobs:
         updated = datetime.fromtimestamp(job.updated_at).strftime("%Y-%m-%d %H:%M:%S")
@@ -311,14 +312,48 @@ def _cmd_jobs(args: argparse.Namespace) -> int:
         notes = [f"reason: {job.reason}"] if job.reason else []
         if job.superseded_by is not None:
             notes.append(f"replaced by job {job.superseded_by} (newer input)")
+        if job.result is not None and job.result.timings_s:
+            notes.append(_stage_durations(job.result.timings_s))
         _out(
             f"{job.id:>5}  {revision:>3}  {job.state:<13}  {job.model:<14}  {updated:<19}  "
             f"{job.series_instance_uid}" + "".join(f"\n{'':>5}  {note}" for note in notes)
         )
     if not jobs:
-        _out("(no jobs yet)")
+        filtered = args.state or args.since is not None or args.study
+        _out("(no jobs match)" if filtered else "(no jobs yet)")
     db.close()
     return EXIT_OK
+
+
+def _stage_durations(timings: dict[str, float]) -> str:
+    """The worker's stage times of a job, as ``pacsnode jobs`` prints them (waits for a
+    busy stage only when they took a moment)."""
+    parts = [
+        f"{stage} {seconds:.2f} s"
+        for stage, seconds in timings.items()
+        if stage != "total" and (not stage.startswith("wait for") or seconds >= 0.01)
+    ]
+    total = f" (total {timings['total']:.2f} s)" if "total" in timings else ""
+    return "stages: " + ", ".join(parts) + total
+
+
+def since_time(text: str, now: float | None = None) -> float:
+    """``--since``: a duration back from now (``30m``, ``12h``, ``7d``; see
+    :func:`node.rules_check.parse_duration`) or a local date or date and time
+    (``2026-11-30``, ``2026-11-30T08:00``), as epoch seconds."""
+    from node.rules_check import parse_duration
+
+    try:
+        return (time.time() if now is None else now) - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration (30m, 12h, 7d) nor a date or date and time "
+            "(2026-11-30, 2026-11-30T08:00)"
+        ) from None
 
 
 def _cmd_retry(args: argparse.Namespace) -> int:
@@ -474,7 +509,18 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config file (exit 2 if invalid)")
     check.add_argument("file", type=Path, nargs="?", default=default_config)
     check.set_defaults(handler=_cmd_check_config)
-    with_config("jobs", "list jobs and their states").set_defaults(handler=_cmd_jobs)
+    jobs = with_config("jobs", "list jobs, their states and stage times")
+    jobs.add_argument(
+        "--state",
+        action="append",
+        choices=[state.value for state in JobStateValues],
+        help="only jobs in this state (repeatable)",
+    )
+    jobs.add_argument(
+        "--since", type=since_time, help="only jobs created since: 30m, 12h, 7d or 2026-11-30"
+    )
+    jobs.add_argument("--study", help="only jobs of this Study Instance UID")
+    jobs.set_defaults(handler=_cmd_jobs)
     with_config(
         "models", "list the models (built in and in models_dir) and their problems"
     ).set_defaults(handler=_cmd_models)

@@ -77,6 +77,29 @@ class NodeSettings(_Frozen):
     """Largest PDU we accept; 0 means unlimited (fastest for large images)."""
 
 
+#: The disk guard when ``storage:`` sets neither threshold: the larger of the two.
+DEFAULT_MIN_FREE_BYTES = 2 * 1024**3
+DEFAULT_MIN_FREE_PERCENT = 5.0
+
+
+class StorageSettings(_Frozen):
+    """The disk guard (:mod:`node.disk_guard`): below this much free space on the data
+    folder's file system new instances are refused (Out of Resources); jobs and
+    deliveries go on. Neither set: 5 % or 2 GiB, whichever is larger; one or both set:
+    the larger of those set."""
+
+    min_free_bytes: int | None = Field(default=None, ge=0)
+    min_free_percent: float | None = Field(default=None, ge=0, le=100)
+
+    def threshold_bytes(self, total_bytes: int) -> int:
+        """The free space below which instances are refused, on a disk of ``total_bytes``."""
+        if self.min_free_bytes is None and self.min_free_percent is None:
+            return max(DEFAULT_MIN_FREE_BYTES, int(total_bytes * DEFAULT_MIN_FREE_PERCENT / 100))
+        return max(
+            self.min_free_bytes or 0, int(total_bytes * (self.min_free_percent or 0.0) / 100)
+        )
+
+
 class Peer(_Frozen):
     """A DICOM peer allowed to associate with us (a scanner or a PACS)."""
 
@@ -270,6 +293,7 @@ class Config(_Frozen):
     """The whole of config.yaml."""
 
     node: NodeSettings = Field(default_factory=NodeSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
     peers: list[Peer] = Field(default_factory=list)
     accept_unknown_peers: bool = False
     destinations: dict[str, Destination] = Field(default_factory=dict)

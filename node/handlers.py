@@ -26,6 +26,7 @@ from pynetdicom.events import Event
 
 from node.completeness import encode_geometry, geometry_of
 from node.config import Config, Peer
+from node.disk_guard import DiskGuard
 from node.spool import InvalidUIDError, Spool, check_uid
 from node.state import ReceiptValues, StateDB
 
@@ -315,11 +316,13 @@ def handle_store(
     db: StateDB,
     config: Config,
     completion: CompletionOnRelease,
+    disk_guard: DiskGuard,
 ) -> int | Dataset:
     """Write the instance as received, record it, and only then answer Success.
 
-    Any write failure (disk full included) answers Out of Resources; a dataset whose UIDs
-    are missing or malformed answers Cannot Understand. Neither affects other instances.
+    Below the disk guard's free space, and on any write failure (disk full included),
+    the answer is Out of Resources; a dataset whose UIDs are missing or malformed answers
+    Cannot Understand. Neither affects other instances.
     An identical re-send answers Success and changes nothing; a re-send with other bytes
     replaces the stored instance (and, once its series was processed, re-opens it).
     """
@@ -334,6 +337,10 @@ def handle_store(
         logger.warning("refused an instance from %s: %s", calling_ae, exc)
         return _status(CANNOT_UNDERSTAND, str(exc))
 
+    received = cast(BytesIO, request.DataSet).getbuffer()
+    refusal = disk_guard.refusal(received.nbytes, event.assoc)
+    if refusal is not None:
+        return _status(OUT_OF_RESOURCES, refusal)
     try:
         # Preamble + file meta + the dataset bytes as sent: no decode, no re-encode.
         written = spool.write(
@@ -343,7 +350,7 @@ def handle_store(
             file_meta=_encode_file_meta(
                 sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax)
             ),
-            dataset=cast(BytesIO, request.DataSet).getbuffer(),
+            dataset=received,
             stored_sha256=db.stored_sha256(sop_instance_uid),
         )
         receipt = db.record_instance(

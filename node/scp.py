@@ -12,6 +12,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.transport import ThreadedAssociationServer
 
 from node.config import Config
+from node.disk_guard import DiskGuard
 from node.handlers import (
     CompletionOnRelease,
     handle_association_request,
@@ -49,7 +50,9 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 ]
 
 
-def start_scp(config: Config, spool: Spool, db: StateDB) -> ThreadedAssociationServer:
+def start_scp(
+    config: Config, spool: Spool, db: StateDB, disk_guard: DiskGuard
+) -> ThreadedAssociationServer:
     """Start listening on the configured port (non-blocking); returns the server."""
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_pdu_size = config.node.max_pdu_bytes
@@ -70,7 +73,7 @@ def start_scp(config: Config, spool: Spool, db: StateDB) -> ThreadedAssociationS
         (evt.EVT_ABORTED, completion.ended),
         (evt.EVT_CONN_CLOSE, completion.ended),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion]),
+        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion, disk_guard]),
     ]
     server = ae.start_server(
         (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers

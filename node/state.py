@@ -814,15 +814,28 @@ class StateDB:
             for row in rows
         ]
 
-    def jobs(self, states: Sequence[JobStateValues] | None = None) -> list[Job]:
-        if states is None:
-            rows = self._query("SELECT * FROM jobs ORDER BY id")
-        else:
-            marks = ", ".join("?" for _ in states)
-            rows = self._query(
-                f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY id", [*states]
-            )
-        return [_job(row) for row in rows]
+    def jobs(
+        self,
+        states: Sequence[JobStateValues] | None = None,
+        *,
+        since: float | None = None,
+        study_instance_uid: str | None = None,
+    ) -> list[Job]:
+        """Jobs in id order: in one of ``states``, created at or after ``since`` (epoch
+        seconds), of one study (each filter only when given)."""
+        where: list[str] = []
+        params: list[Any] = []
+        if states is not None:
+            where.append(f"state IN ({', '.join('?' for _ in states)})")
+            params += states
+        if since is not None:
+            where.append("created_at >= ?")
+            params.append(since)
+        if study_instance_uid is not None:
+            where.append("study_instance_uid = ?")
+            params.append(study_instance_uid)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        return [_job(row) for row in self._query(f"SELECT * FROM jobs{clause} ORDER BY id", params)]
 
     def latest_version(self, lineage: str) -> Job | None:
         """The newest job of a lineage that is not a skip."""

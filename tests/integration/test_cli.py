@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,22 @@ def test_rejected_destination_fails_the_job_and_retry_delivers(
                 assert f"job {job.id} (ct-tissue) will run again" in retried.stdout
                 (job,) = node.wait_for_jobs(1, {JobStateValues.DELIVERED})
                 assert len(accepting.wait_for_files(2)) == 2
+            delivered = _pacsnode(
+                "jobs", "--config", str(node.config_path), "--state", "delivered",
+                "--since", "1h", "--study", job.study_instance_uid,
+            )  # fmt: skip
+            assert delivered.returncode == 0, delivered.stderr
+            assert f"{job.id:>5}    1  delivered" in delivered.stdout
+            stages = re.search(r"stages: verify [\d.]+ s, load [\d.]+ s, inference [\d.]+ s, "
+                               r"results [\d.]+ s.* \(total [\d.]+ s\)", delivered.stdout)  # fmt: skip
+            assert stages is not None, delivered.stdout
+            for others in (
+                ["--state", "failed"],
+                ["--study", "1.2.3.4"],
+                ["--since", "2999-01-01"],
+            ):
+                none = _pacsnode("jobs", "--config", str(node.config_path), *others)
+                assert none.stdout.splitlines()[1:] == ["(no jobs match)"], (others, none.stdout)
             again = _pacsnode("retry", "999", "--config", str(node.config_path))
             assert again.returncode == 1
             assert "there is no job 999" in again.stderr

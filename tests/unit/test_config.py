@@ -11,6 +11,8 @@ import yaml
 from node.cli import main
 from node.config import Config, ConfigError, load_config
 
+GIB = 1024**3
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -173,3 +175,64 @@ def test_shipped_models_can_run_here() -> None:
         "ct-bone-demo": None,
         "xr-nodule-demo": None,
     }
+
+
+@pytest.mark.parametrize(
+    ("storage", "total", "threshold"),
+    [
+        ({}, 100 * GIB, 5 * GIB),  # 5 % of a large disk
+        ({}, 10 * GIB, 2 * GIB),  # 2 GiB on a small one
+        ({"min_free_bytes": 1 * GIB}, 100 * GIB, 1 * GIB),  # set: only what is set counts
+        ({"min_free_percent": 1}, 100 * GIB, 1 * GIB),
+        ({"min_free_bytes": 3 * GIB, "min_free_percent": 1}, 100 * GIB, 3 * GIB),
+        ({"min_free_bytes": 0, "min_free_percent": 0}, 100 * GIB, 0),  # the guard off
+    ],
+)
+def test_disk_guard_threshold(storage: dict[str, Any], total: int, threshold: int) -> None:
+    config = Config.model_validate({"storage": storage})
+    assert config.storage.threshold_bytes(total) == threshold
+
+
+class Association:
+    """Stands for an association (only its identity matters to the guard)."""
+
+
+def test_disk_guard_refuses_below_the_threshold_and_warns_once_per_association(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import shutil
+
+    from node.config import StorageSettings
+    from node.disk_guard import DiskGuard
+
+    free = shutil.disk_usage(tmp_path).free
+    guard = DiskGuard(tmp_path, StorageSettings(min_free_bytes=0))
+    association, other = Association(), Association()  # pynetdicom's are threads
+    assert guard.refusal(1000, association) is None
+    guard.settings = StorageSettings(min_free_bytes=free + GIB)  # as after a reload
+    with caplog.at_level("WARNING", logger="node.disk_guard"):
+        for _ in range(3):
+            reason = guard.refusal(1000, association)
+            assert reason is not None
+            assert "below the disk guard" in reason
+        assert guard.refusal(1000, other) is not None
+    assert len(caplog.records) == 2  # once for each association
+    guard.settings = StorageSettings(min_free_bytes=0)  # space is back
+    assert guard.refusal(1000, association) is None
+
+
+def test_since_takes_a_duration_or_a_date() -> None:
+    import argparse
+    from datetime import datetime
+
+    from node.cli import since_time
+
+    now = 1_800_000_000.0
+    assert since_time("30m", now) == now - 1800
+    assert since_time("12h", now) == now - 12 * 3600
+    assert since_time("7d", now) == now - 7 * 86400
+    assert since_time("2026-11-30") == datetime(2026, 11, 30).timestamp()
+    assert since_time("2026-11-30T08:15") == datetime(2026, 11, 30, 8, 15).timestamp()
+    for wrong in ("yesterday", "-3h", "h", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="neither a duration"):
+            since_time(wrong, now)
