@@ -63,7 +63,7 @@ def _items(buffer: memoryview) -> list[Item]:
     items, position = [], 0
     while position < len(buffer):
         group, element, length = struct.unpack_from("<HHI", buffer, position)
-        if (group, element) != _ITEM or length == _UNDEFINED:
+        if (group, element) != _ITEM or length == _UNDEFINED or position + 8 + length > len(buffer):
             raise SegPlacementError(
                 f"unexpected ({group:04X},{element:04X}) of length {length} in a sequence"
             )
@@ -84,8 +84,8 @@ def _elements(buffer: memoryview) -> Item:
         else:
             (length,) = struct.unpack_from("<H", buffer, position + 6)
             position += 8
-        if length == _UNDEFINED:
-            raise SegPlacementError(f"({group:04X},{element:04X}) has an undefined length")
+        if length == _UNDEFINED or position + length > len(buffer):
+            raise SegPlacementError(f"({group:04X},{element:04X}) has a length of {length}")
         value = buffer[position : position + length]
         item[group << 16 | element] = _items(value) if vr == b"SQ" else bytes(value)
         position += length
@@ -97,8 +97,15 @@ def _encoded_items(ds: Dataset, tag: int) -> list[Item]:
     when it holds them, else encoded now."""
     elem = ds.get_item(tag)
     if isinstance(elem, RawDataElement) and not elem.is_implicit_VR and elem.is_little_endian:
-        return _items(memoryview(elem.value or b""))
-    return _items(memoryview(encode_items(ds[tag].value, dataset_encodings(ds), {})))
+        encoded = elem.value or b""
+    else:
+        encoded = encode_items(ds[tag].value, dataset_encodings(ds), {})
+    try:
+        return _items(memoryview(encoded))
+    except struct.error as exc:  # lengths pointing past the end
+        raise SegPlacementError(
+            f"({tag >> 16:04X},{tag & 0xFFFF:04X}) is malformed: {exc}"
+        ) from exc
 
 
 def _numbers(value: object) -> np.ndarray:
@@ -110,6 +117,13 @@ def _numbers(value: object) -> np.ndarray:
 
 def _uid(value: object) -> str:
     return value.decode("ascii").rstrip("\0 ") if isinstance(value, bytes) else str(value)
+
+
+def _leaf(item: Item, tag: int, frame: int) -> bytes:
+    value = item.get(tag)
+    if not isinstance(value, bytes) or not value:
+        raise SegPlacementError(f"frame {frame} lacks ({tag >> 16:04X},{tag & 0xFFFF:04X})")
+    return value
 
 
 def _functional_item(frame: Item, shared: Item, sequence: int) -> Item | None:
@@ -164,7 +178,7 @@ def check_seg_placement(seg: Dataset, series: LoadedSeries) -> None:
                 f"frame {number} names source {referenced}, not one instance of the series"
             )
         origin = by_uid[referenced[0]]
-        at = _numbers(position[_IMAGE_POSITION])
+        at = _numbers(_leaf(position, _IMAGE_POSITION, number))
         offset = at - _numbers(origin.ImagePositionPatient)
         if float(np.linalg.norm(offset)) > POSITION_TOLERANCE_MM:
             raise SegPlacementError(
@@ -172,13 +186,13 @@ def check_seg_placement(seg: Dataset, series: LoadedSeries) -> None:
                 f"{float(np.linalg.norm(offset)):.3f} mm from its source slice "
                 f"{referenced[0]} at {list(origin.ImagePositionPatient)}"
             )
-        cosines = _numbers(orientation[_IMAGE_ORIENTATION])
+        cosines = _numbers(_leaf(orientation, _IMAGE_ORIENTATION, number))
         if np.max(np.abs(cosines - _numbers(origin.ImageOrientationPatient))) > _COSINE_TOLERANCE:
             raise SegPlacementError(
                 f"frame {number} has orientation {cosines.tolist()}, its source "
                 f"{list(origin.ImageOrientationPatient)}"
             )
-        spacing = _numbers(measures[_PIXEL_SPACING])
+        spacing = _numbers(_leaf(measures, _PIXEL_SPACING, number))
         if np.max(np.abs(spacing - _numbers(origin.PixelSpacing))) > 1e-4:
             raise SegPlacementError(
                 f"frame {number} has pixel spacing {spacing.tolist()}, its source "

@@ -245,3 +245,16 @@ def test_placement_check_reads_the_encoded_frames(tmp_path: Path) -> None:
     seg["PerFrameFunctionalGroupsSequence"] = raw._replace(value=bytes(shifted))
     with pytest.raises(SegPlacementError, match=r"frame 3 is at .* mm from its source"):
         check_seg_placement(seg, series)
+
+
+def test_placement_check_refuses_malformed_encoded_frames(tmp_path: Path) -> None:
+    """Frames whose encoded lengths point past their end fail the check by name."""
+    series = _series(tmp_path / "ct")
+    model = labels_model()
+    uids = ResultUids.for_job("1.2.3", model.name, model.version, "frames")
+    seg, _ = build_seg(series, _label_map(), model, uids)
+    raw = seg.get_item("PerFrameFunctionalGroupsSequence")
+    assert isinstance(raw, RawDataElement)
+    seg["PerFrameFunctionalGroupsSequence"] = raw._replace(value=raw.value[:-10])
+    with pytest.raises(SegPlacementError, match=r"unexpected|length"):
+        check_seg_placement(seg, series)
