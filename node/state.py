@@ -29,6 +29,7 @@ from workers.contract import InputSeries, JobOutcome, JobRequest, Manifest, Mani
 __all__ = [
     "SCHEMA_VERSION",
     "Delivery",
+    "DeliveryAttempt",
     "DeliveryStateValues",
     "Job",
     "JobInFlight",
@@ -86,7 +87,15 @@ class DeliveryStateValues(enum.StrEnum):
 
 #: Changes that bring a DB of an older schema to :data:`SCHEMA_VERSION` in place.
 _MIGRATIONS = {
-    3: ("ALTER TABLE instances ADD COLUMN geometry TEXT",),
+    3: (
+        "ALTER TABLE instances ADD COLUMN geometry TEXT",
+        "ALTER TABLE series ADD COLUMN completed_at REAL",
+        "ALTER TABLE series ADD COLUMN routed_at REAL",
+        "ALTER TABLE jobs ADD COLUMN started_at REAL",
+        "ALTER TABLE jobs ADD COLUMN results_at REAL",
+        "ALTER TABLE deliveries ADD COLUMN last_attempt_at REAL",
+        "ALTER TABLE deliveries ADD COLUMN delivered_at REAL",
+    ),
 }
 
 _SCHEMA = """
@@ -100,7 +109,9 @@ CREATE TABLE IF NOT EXISTS series (
     reopened INTEGER NOT NULL DEFAULT 0,
     gap_waits INTEGER NOT NULL DEFAULT 0,
     state TEXT NOT NULL,
-    reason TEXT
+    reason TEXT,
+    completed_at REAL,  -- last time it fell quiet (or its peer released)
+    routed_at REAL
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_instance_uid TEXT PRIMARY KEY,
@@ -136,7 +147,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     predecessor_id INTEGER REFERENCES jobs (id),
     superseded_by INTEGER REFERENCES jobs (id),
     request TEXT,
-    shadow INTEGER NOT NULL DEFAULT 0
+    shadow INTEGER NOT NULL DEFAULT 0,
+    started_at REAL,  -- the broker reported it started
+    results_at REAL  -- its results were recorded
 );
 CREATE INDEX IF NOT EXISTS jobs_by_lineage ON jobs (lineage, id);
 CREATE INDEX IF NOT EXISTS jobs_by_series ON jobs (series_instance_uid, model);
@@ -150,8 +163,17 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     created_at REAL NOT NULL,
     reason TEXT,
+    last_attempt_at REAL,
+    delivered_at REAL,
     UNIQUE (job_id, destination, path)
 );
+CREATE TABLE IF NOT EXISTS delivery_attempts (
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id) ON DELETE CASCADE,
+    at REAL NOT NULL,
+    outcome TEXT NOT NULL,  -- delivered, failed (for good) or retry
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_by_delivery ON delivery_attempts (delivery_id);
 """
 
 
@@ -216,6 +238,8 @@ class SeriesRecord:
     gap_waits: int
     state: SeriesStateValues
     reason: str | None
+    completed_at: float | None = None
+    routed_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -254,6 +278,8 @@ class Job:
     superseded_by: int | None
     request: JobRequest | None
     shadow: bool
+    started_at: float | None = None
+    results_at: float | None = None
 
     @property
     def source_paths(self) -> list[Path]:
@@ -271,6 +297,16 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     created_at: float
+    reason: str | None
+    last_attempt_at: float | None = None
+    delivered_at: float | None = None
+
+
+class DeliveryAttempt(NamedTuple):
+    """One try to send a delivery's file."""
+
+    at: float
+    outcome: str  # delivered, failed (for good) or retry
     reason: str | None
 
 
@@ -297,6 +333,8 @@ def _job(row: sqlite3.Row) -> Job:
         superseded_by=row["superseded_by"],
         request=JobRequest.model_validate_json(row["request"]) if row["request"] else None,
         shadow=bool(row["shadow"]),
+        started_at=row["started_at"],
+        results_at=row["results_at"],
     )
 
 
@@ -311,6 +349,8 @@ def _delivery(row: sqlite3.Row) -> Delivery:
         next_attempt_at=row["next_attempt_at"],
         created_at=row["created_at"],
         reason=row["reason"],
+        last_attempt_at=row["last_attempt_at"],
+        delivered_at=row["delivered_at"],
     )
 
 
@@ -326,6 +366,8 @@ def _series(row: sqlite3.Row) -> SeriesRecord:
         gap_waits=row["gap_waits"],
         state=SeriesStateValues(row["state"]),
         reason=row["reason"],
+        completed_at=row["completed_at"],
+        routed_at=row["routed_at"],
     )
 
 
@@ -629,8 +671,14 @@ class StateDB:
         """Close a series still receiving; returns False if it was not receiving."""
         with self._transaction() as conn:
             cursor = conn.execute(
-                "UPDATE series SET state = ? WHERE series_instance_uid = ? AND state = ?",
-                (SeriesStateValues.COMPLETE, series_instance_uid, SeriesStateValues.RECEIVING),
+                "UPDATE series SET state = ?, completed_at = ? "
+                "WHERE series_instance_uid = ? AND state = ?",
+                (
+                    SeriesStateValues.COMPLETE,
+                    time.time(),
+                    series_instance_uid,
+                    SeriesStateValues.RECEIVING,
+                ),
             )
         return bool(cursor.rowcount)
 
@@ -696,8 +744,9 @@ class StateDB:
                         ids.append(job_id)
                 state = SeriesStateValues.ROUTED if plan.jobs else SeriesStateValues.IGNORED
                 conn.execute(
-                    "UPDATE series SET state = ?, reason = ? WHERE series_instance_uid = ?",
-                    (state, plan.ignored_reason, series_instance_uid),
+                    "UPDATE series SET state = ?, reason = ?, routed_at = ? "
+                    "WHERE series_instance_uid = ?",
+                    (state, plan.ignored_reason, now, series_instance_uid),
                 )
         return ids
 
@@ -884,9 +933,10 @@ class StateDB:
 
     def mark_job_running(self, job_id: int) -> None:
         with self._transaction() as conn:
+            now = time.time()
             conn.execute(
-                "UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state = ?",
-                (JobStateValues.RUNNING, time.time(), job_id, JobStateValues.QUEUED),
+                "UPDATE jobs SET state = ?, updated_at = ?, started_at = ? WHERE id = ? AND state = ?",
+                (JobStateValues.RUNNING, now, now, job_id, JobStateValues.QUEUED),
             )
 
     def mark_job_failed(self, job_id: int, reason: str) -> None:
@@ -938,7 +988,14 @@ class StateDB:
                 state = JobStateValues.KEPT
             else:
                 state = JobStateValues.DELIVERED
-            self._set_job(conn, job_id, state=state, result=outcome.model_dump_json(), reason=None)
+            self._set_job(
+                conn,
+                job_id,
+                state=state,
+                result=outcome.model_dump_json(),
+                reason=None,
+                results_at=now,
+            )
         return True
 
     def retry_job(self, job_id: int) -> Job:
@@ -984,6 +1041,8 @@ class StateDB:
                 result=None,
                 attempts=0,
                 request=None,  # built anew from config.yaml now
+                started_at=None,
+                results_at=None,
             )
         job = self.job(job_id)
         assert job is not None
@@ -1011,6 +1070,24 @@ class StateDB:
         rows = self._query("SELECT * FROM deliveries WHERE job_id = ? ORDER BY id", (job_id,))
         return [_delivery(row) for row in rows]
 
+    def delivery_attempts(self, delivery_id: int) -> list[DeliveryAttempt]:
+        """Every try of a delivery, oldest first, with the error of each that failed."""
+        rows = self._query(
+            "SELECT at, outcome, reason FROM delivery_attempts WHERE delivery_id = ? "
+            "ORDER BY rowid",
+            (delivery_id,),
+        )
+        return [DeliveryAttempt(r["at"], r["outcome"], r["reason"]) for r in rows]
+
+    @staticmethod
+    def _record_attempt(
+        conn: sqlite3.Connection, delivery_id: int, now: float, outcome: str, reason: str | None
+    ) -> None:
+        conn.execute(
+            "INSERT INTO delivery_attempts (delivery_id, at, outcome, reason) VALUES (?, ?, ?, ?)",
+            (delivery_id, now, outcome, reason),
+        )
+
     def mark_delivery_done(self, delivery_id: int) -> None:
         self._finish_delivery(delivery_id, DeliveryStateValues.DELIVERED, None)
 
@@ -1018,22 +1095,28 @@ class StateDB:
         self._finish_delivery(delivery_id, DeliveryStateValues.FAILED, reason)
 
     def postpone_delivery(self, delivery_id: int, next_attempt_at: float, reason: str) -> None:
+        now = time.time()
         with self._transaction() as conn:
             conn.execute(
-                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, reason = ? "
-                "WHERE id = ?",
-                (next_attempt_at, reason, delivery_id),
+                "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, reason = ?, "
+                "last_attempt_at = ? WHERE id = ?",
+                (next_attempt_at, reason, now, delivery_id),
             )
+            self._record_attempt(conn, delivery_id, now, "retry", reason)
 
     def _finish_delivery(
         self, delivery_id: int, state: DeliveryStateValues, reason: str | None
     ) -> None:
         """Close one delivery, and its job once every delivery of the job is closed."""
+        now = time.time()
+        delivered = now if state == DeliveryStateValues.DELIVERED else None
         with self._transaction() as conn:
             conn.execute(
-                "UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1 WHERE id = ?",
-                (state, reason, delivery_id),
+                "UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1, "
+                "last_attempt_at = ?, delivered_at = ? WHERE id = ?",
+                (state, reason, now, delivered, delivery_id),
             )
+            self._record_attempt(conn, delivery_id, now, str(state), reason)
             job_id = conn.execute(
                 "SELECT job_id FROM deliveries WHERE id = ?", (delivery_id,)
             ).fetchone()["job_id"]

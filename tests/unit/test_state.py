@@ -223,15 +223,21 @@ def test_a_db_of_another_schema_is_refused_with_advice(tmp_path: Path) -> None:
         StateDB(path)
 
 
-def test_a_schema_3_db_gains_recorded_geometry_in_place(tmp_path: Path) -> None:
-    """A DB from before geometry was recorded on receipt keeps its rows; theirs is
-    unknown (None: the gap check reads their files), new ones carry it."""
+def test_a_schema_3_db_is_brought_to_schema_4_in_place(tmp_path: Path) -> None:
+    """A DB from before geometry and stage times were recorded keeps its rows; their
+    geometry is unknown (None: the gap check reads their files), new ones carry it, and
+    the stage times and delivery attempts are recorded from now on."""
+    from node.state import _MIGRATIONS
+
     path = tmp_path / "state.db"
     db = StateDB(path)
     _receive(db, "1.1", at=1.0)
     db.close()
-    old = sqlite3.connect(path)
-    old.execute("ALTER TABLE instances DROP COLUMN geometry")
+    old = sqlite3.connect(path)  # as schema 3 had it
+    for step in _MIGRATIONS[3]:
+        _, _, table, _, _, column, *_ = step.split()
+        old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    old.execute("DROP TABLE delivery_attempts")
     old.execute("PRAGMA user_version = 3")
     old.commit()
     old.close()
@@ -246,6 +252,11 @@ def test_a_schema_3_db_gains_recorded_geometry_in_place(tmp_path: Path) -> None:
         (Path(f"/spool/{SERIES}/1.1.dcm"), None),
         (Path(f"/spool/{SERIES}/1.2.dcm"), "0\\0\\1|1\\0\\0\\0\\1\\0"),
     ]
+    assert db.mark_series_complete(SERIES)
+    record = db.series(SERIES)
+    assert record is not None
+    assert record.completed_at is not None
+    assert record.routed_at is None
     db.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
     assert version == 4
@@ -287,6 +298,33 @@ def test_job_lifecycle_to_delivered(db: StateDB) -> None:
             JobStateValues.DELIVERED if delivery is deliveries[-1] else JobStateValues.RESULTS_READY
         )
         assert job.state == expected
+    # Each stage has its time, in the order the stages happened, and each try its entry.
+    job = db.job(job_id)
+    assert job is not None
+    assert job.dispatched_at is not None
+    assert job.started_at is not None
+    assert job.results_at is not None
+    assert job.created_at <= job.dispatched_at <= job.started_at <= job.results_at
+    first = db.deliveries(job_id)[0]
+    assert first.delivered_at is not None
+    assert first.last_attempt_at == first.delivered_at >= job.results_at
+    tries = db.delivery_attempts(first.id)
+    assert [(t.outcome, t.reason) for t in tries] == [("retry", "refused"), ("delivered", None)]
+    assert tries[0].at <= tries[1].at == first.delivered_at
+
+
+def test_series_record_when_they_completed_and_were_routed(db: StateDB) -> None:
+    _receive(db, "1.1", at=100.0)
+    record = db.series(SERIES)
+    assert record is not None
+    assert (record.completed_at, record.routed_at) == (None, None)
+    db.mark_series_complete(SERIES)
+    db.route_series(SERIES, [PlannedJob("ct-tissue", "r", ["pacs"], lineage="L")])
+    record = db.series(SERIES)
+    assert record is not None
+    assert record.completed_at is not None
+    assert record.routed_at is not None
+    assert record.first_received <= record.completed_at <= record.routed_at
 
 
 def test_failed_delivery_fails_the_job_with_reason_and_retry_resets(db: StateDB) -> None:
@@ -301,9 +339,13 @@ def test_failed_delivery_fails_the_job_with_reason_and_retry_resets(db: StateDB)
     assert job.reason == "delivery failed: pacs: association permanently rejected"
     assert db.deliveries(job_id)[0].state == DeliveryStateValues.FAILED
 
+    assert [t.outcome for t in db.delivery_attempts(delivery.id)] == ["failed"]
+
     retried = db.retry_job(job_id)
     assert (retried.state, retried.reason, retried.attempts) == (JobStateValues.PENDING, None, 0)
+    assert (retried.started_at, retried.results_at) == (None, None)
     assert db.deliveries(job_id) == []
+    assert db.delivery_attempts(delivery.id) == []  # gone with its delivery
 
 
 def test_retry_refuses_unknown_and_running_jobs(db: StateDB) -> None:
