@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 from node.config import StorageSettings
@@ -24,13 +25,13 @@ __all__ = ["DiskGuard", "DiskSpace"]
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
 class DiskSpace:
     """Free space of the data folder's file system against the guard's threshold."""
 
-    def __init__(self, free_bytes: int, total_bytes: int, threshold_bytes: int) -> None:
-        self.free_bytes = free_bytes
-        self.total_bytes = total_bytes
-        self.threshold_bytes = threshold_bytes
+    free_bytes: int
+    total_bytes: int
+    threshold_bytes: int
 
     @property
     def low(self) -> bool:

@@ -29,6 +29,7 @@ from node.config import Config, Peer
 from node.disk_guard import DiskGuard
 from node.spool import InvalidUIDError, Spool, check_uid
 from node.state import ReceiptValues, StateDB
+from workers.dicom_encoding import LONG_LENGTH_VRS
 
 __all__ = [
     "CANNOT_UNDERSTAND",
@@ -216,9 +217,15 @@ _STUDY_INSTANCE_UID = 0x0020000D
 _IMAGE_POSITION = 0x00200032
 _IMAGE_ORIENTATION = 0x00200037
 _NUMBER_OF_FRAMES = 0x00280008
-_RECORDED = (_STUDY_INSTANCE_UID, _SERIES_INSTANCE_UID, _IMAGE_POSITION, _IMAGE_ORIENTATION)
-# Explicit VRs whose length field is 4 bytes after two reserved ones (PS3.5 7.1.2).
-_LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SCANNED = frozenset(
+    (
+        _STUDY_INSTANCE_UID,
+        _SERIES_INSTANCE_UID,
+        _IMAGE_POSITION,
+        _IMAGE_ORIENTATION,
+        _NUMBER_OF_FRAMES,
+    )
+)
 _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
@@ -264,7 +271,7 @@ def _scan_header(data: memoryview, implicit_vr: bool) -> ReceivedHeader | None:
             offset += 8
         else:
             vr = bytes(data[offset + 4 : offset + 6])
-            if vr in _LONG_VRS:
+            if vr in LONG_LENGTH_VRS:
                 if offset + 12 > end:
                     return None
                 (length,) = struct.unpack_from("<I", data, offset + 8)
@@ -276,7 +283,7 @@ def _scan_header(data: memoryview, implicit_vr: bool) -> ReceivedHeader | None:
                 return None
         if length == _UNDEFINED_LENGTH or offset + length > end:
             return None
-        if tag in _RECORDED or tag == _NUMBER_OF_FRAMES:
+        if tag in _SCANNED:
             text = bytes(data[offset : offset + length]).decode("ascii", errors="replace")
             values[tag] = text.rstrip("\0 ")
         offset += length

@@ -30,6 +30,7 @@ from pydicom.filewriter import (
 from pydicom.tag import BaseTag
 
 __all__ = [
+    "LONG_LENGTH_VRS",
     "ElementCache",
     "dataset_encodings",
     "encode_element",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 _ITEM = struct.pack("<HH", 0xFFFE, 0xE000)
+
+#: Explicit VRs whose length takes 4 bytes after two reserved ones (PS3.5 7.1.2).
+LONG_LENGTH_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 
 #: Encoded leaf elements by (tag, VR, repr(value)).
 ElementCache = dict[tuple[object, ...], bytes]

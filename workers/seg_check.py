@@ -22,7 +22,7 @@ import numpy as np
 from pydicom import Dataset
 from pydicom.dataelem import RawDataElement
 
-from workers.dicom_encoding import dataset_encodings, encode_items
+from workers.dicom_encoding import LONG_LENGTH_VRS, dataset_encodings, encode_items
 from workers.series import LoadedSeries
 
 __all__ = ["POSITION_TOLERANCE_MM", "SegPlacementError", "check_seg_placement"]
@@ -45,10 +45,6 @@ _PIXEL_SPACING = 0x00280030
 
 _ITEM = (0xFFFE, 0xE000)
 _UNDEFINED = 0xFFFFFFFF
-#: VRs whose length takes 4 bytes (PS3.5 7.1.2).
-_LONG_VRS = frozenset(
-    (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
-)
 
 #: An encoded item: its elements by tag, a value's bytes or a sequence's items.
 Item = dict[int, "bytes | list[Item]"]
@@ -78,7 +74,7 @@ def _elements(buffer: memoryview) -> Item:
     while position < len(buffer):
         group, element = struct.unpack_from("<HH", buffer, position)
         vr = bytes(buffer[position + 4 : position + 6])
-        if vr in _LONG_VRS:
+        if vr in LONG_LENGTH_VRS:
             (length,) = struct.unpack_from("<I", buffer, position + 8)
             position += 12
         else:
