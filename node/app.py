@@ -19,14 +19,19 @@ import time
 from pathlib import Path
 from types import FrameType
 
+from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
+from pynetdicom.transport import ThreadedAssociationServer
 
 from models.registry import checkpoint, model_fingerprints, reload_models, rollback
 from node.completeness import geometry_of, mark_quiet_series_complete
 from node.config import Config, ConfigError, folder_problems, load_config
+from node.console import Console, ConsoleServer, read_or_create_token
 from node.disk_guard import DiskGuard
 from node.dispatch import Dispatcher
+from node.health import BrokerProbe
+from node.metrics import NodeCollector, ReceiveCounters
 from node.routing import route_complete_studies
 from node.scp import start_scp
 from node.sender import Sender
@@ -46,7 +51,7 @@ _TICK_SECONDS = 0.5
 #: How often the main loop asks the result backend while jobs are queued or running.
 _COLLECT_SECONDS = 0.05
 #: Settings the SCP and the child processes start with: SIGHUP leaves them for a restart.
-_RESTART_KEYS = ("node", "peers", "accept_unknown_peers", "completion", "broker", "worker",
+_RESTART_KEYS = ("node", "http", "peers", "accept_unknown_peers", "completion", "broker", "worker",
                  "models_dir")  # fmt: skip
 _RECOVERED_FROM = "(recovered)"
 
@@ -122,6 +127,9 @@ class Node:
         self.sender = Sender(config, self.db)
         #: Set when deliveries may have come due (results recorded), or to stop.
         self.wake_sender = threading.Event()
+        self.registry = CollectorRegistry()
+        self.counters = ReceiveCounters(self.registry)
+        self.probe = BrokerProbe(celery_app, broker_url(config))
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
         self.reload_requested.set()
@@ -198,13 +206,17 @@ class Node:
         requeued = self.dispatcher.requeue_unfinished("requeued after the node restarted")
         if requeued:
             logger.warning("requeued %d unfinished jobs", requeued)
-        server = start_scp(self.config, self.spool, self.db, self.disk_guard)
+        server = start_scp(self.config, self.spool, self.db, self.disk_guard, self.counters)
         sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender_thread.start()
+        console = self._start_console(server)
         try:
             while not self.stopping.wait(self._next_tick_in()):
                 self._tick()
         finally:
+            if console is not None:
+                console.stop()
+            self.probe.stop()
             logger.info("stopping: SCP")
             server.shutdown()
             self.wake_sender.set()
@@ -215,6 +227,43 @@ class Node:
                 self.redis.stop()
             self.db.close()
             logger.info("stopped")
+
+    def _start_console(self, scp: ThreadedAssociationServer) -> ConsoleServer | None:
+        """The web console, API, health checks and metrics (``http:``); a port in use is
+        logged and the node goes on receiving without them."""
+        settings = self.config.http
+        if not settings.enabled:
+            return None
+        assert settings.token_file is not None  # load_config fills it in
+        reader = StateDB(self.db.path, read_only=True)
+        folders = {"spool": self.spool.root, "results": self.config.node.data_dir / "results"}
+        self.registry.register(NodeCollector(reader, self.disk_guard, self.probe, folders))
+        console = Console(
+            config=self.config,
+            db=self.db,
+            reader=reader,
+            disk_guard=self.disk_guard,
+            probe=self.probe,
+            registry=self.registry,
+            token=read_or_create_token(settings.token_file),
+            scp_listening=lambda: scp.socket is not None and scp.socket.fileno() >= 0,
+            wake_sender=self.wake_sender.set,
+            revoke=lambda task_id: celery_app.control.revoke(task_id),
+        )
+        try:
+            server = ConsoleServer(console.app(), settings.bind_address, settings.port)
+        except OSError as exc:
+            logger.error(
+                "console not started on %s:%d: %s (DICOM goes on)",
+                settings.bind_address,
+                settings.port,
+                exc,
+            )
+            return None
+        server.start()
+        self.probe.start()
+        logger.info("console on http://%s:%d/", settings.bind_address, server.port)
+        return server
 
     def _tick(self) -> None:
         try:

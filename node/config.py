@@ -100,6 +100,18 @@ class StorageSettings(_Frozen):
         )
 
 
+class HttpSettings(_Frozen):
+    """The web console, JSON API, health checks and metrics (:mod:`node.console`)."""
+
+    enabled: bool = True
+    bind_address: str = "127.0.0.1"
+    """Local only by default: the pages show patient IDs and names."""
+    port: Port = 8080
+    token_file: Path | None = None
+    """The bearer token the actions need (retry, cancel, re-send); created with mode
+    0600 if missing. Default: ``console.token`` in the data folder."""
+
+
 class Peer(_Frozen):
     """A DICOM peer allowed to associate with us (a scanner or a PACS)."""
 
@@ -294,6 +306,7 @@ class Config(_Frozen):
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     peers: list[Peer] = Field(default_factory=list)
     accept_unknown_peers: bool = False
     destinations: dict[str, Destination] = Field(default_factory=dict)
@@ -477,6 +490,9 @@ def load_config(path: Path) -> Config:
         )
         config = config.model_copy(update={"node": node})
     config = config.model_copy(update={"models_dir": (path.parent / config.models_dir).resolve()})
+    token_file = config.http.token_file or config.node.data_dir / "console.token"
+    http = config.http.model_copy(update={"token_file": (path.parent / token_file).resolve()})
+    config = config.model_copy(update={"http": http})
     from models.registry import use_models_dir
 
     use_models_dir(config.models_dir)  # this process's models: built in and models_dir

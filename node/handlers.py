@@ -17,7 +17,8 @@ import zlib
 from io import BytesIO
 from typing import Any, NamedTuple, cast
 
-from pydicom import Dataset
+from pydicom import DataElement, Dataset
+from pydicom.charset import decode_element
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import UID
@@ -27,8 +28,9 @@ from pynetdicom.events import Event
 from node.completeness import encode_geometry, geometry_of
 from node.config import Config, Peer
 from node.disk_guard import DiskGuard
+from node.metrics import ReceiveCounters
 from node.spool import InvalidUIDError, Spool, check_uid
-from node.state import ReceiptValues, StateDB
+from node.state import ReceiptValues, StateDB, StudyInfo
 from workers.dicom_encoding import LONG_LENGTH_VRS
 
 __all__ = [
@@ -63,14 +65,17 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
+def _calling_ae_title(event: Event) -> str:
+    requestor = event.assoc.requestor
+    primitive = requestor.primitive
+    calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
+    return calling_ae or str(requestor.ae_title).strip()
+
+
 def _calling_peer(event: Event, config: Config) -> tuple[str, str, Peer | None]:
     """The calling AE title, its address, and the peer entry that both match."""
-    assoc = event.assoc
-    primitive = assoc.requestor.primitive
-    calling_ae = primitive.calling_ae_title.strip() if primitive is not None else ""
-    if not calling_ae:
-        calling_ae = str(assoc.requestor.ae_title).strip()
-    host = assoc.requestor.address
+    calling_ae = _calling_ae_title(event)
+    host = event.assoc.requestor.address
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
@@ -100,9 +105,12 @@ class CompletionOnRelease:
         self._lock = threading.Lock()
         self._carried: dict[int, set[str]] = {}
 
-    def watch(self, event: Event) -> None:
-        """EVT_ACCEPTED: start collecting the series of a flagged peer's association."""
-        _, _, peer = _calling_peer(event, self.config)
+    def watch(self, event: Event, counters: ReceiveCounters | None = None) -> None:
+        """EVT_ACCEPTED: count it, and start collecting the series of a flagged peer's
+        association."""
+        calling_ae, _, peer = _calling_peer(event, self.config)
+        if counters is not None:
+            counters.associations.labels(calling_ae, "accepted").inc()
         if peer is not None and peer.complete_on_release:
             with self._lock:
                 self._carried[id(event.assoc)] = set()
@@ -142,13 +150,24 @@ class CompletionOnRelease:
             )
 
 
-def handle_association_request(event: Event, config: Config) -> None:
+def count_rejection(event: Event, counters: ReceiveCounters | None) -> None:
+    """EVT_REJECTED: pynetdicom refused an association (wrong called AE title, too many
+    associations); counted for ``/metrics``."""
+    if counters is not None:
+        counters.associations.labels(_calling_ae_title(event), "rejected").inc()
+
+
+def handle_association_request(
+    event: Event, config: Config, counters: ReceiveCounters | None = None
+) -> None:
     """Reject associations from peers that config.yaml does not list (AE title + host)."""
     if config.accept_unknown_peers:
         return
     calling_ae, host, peer = _calling_peer(event, config)
     if peer is not None:
         return
+    if counters is not None:
+        counters.associations.labels(calling_ae, "rejected").inc()
     assoc = event.assoc
     logger.warning(
         "rejected association from unknown peer %s at %s",
@@ -217,6 +236,15 @@ _STUDY_INSTANCE_UID = 0x0020000D
 _IMAGE_POSITION = 0x00200032
 _IMAGE_ORIENTATION = 0x00200037
 _NUMBER_OF_FRAMES = 0x00280008
+_SPECIFIC_CHARACTER_SET = 0x00080005
+#: What the console lists a study by (:class:`node.state.StudyInfo`, in its order).
+_STUDY_TAGS = {
+    0x00100020: ("PatientID", "LO"),
+    0x00100010: ("PatientName", "PN"),
+    0x00080050: ("AccessionNumber", "SH"),
+    0x00080020: ("StudyDate", "DA"),
+    0x00081030: ("StudyDescription", "LO"),
+}
 _SCANNED = frozenset(
     (
         _STUDY_INSTANCE_UID,
@@ -224,6 +252,8 @@ _SCANNED = frozenset(
         _IMAGE_POSITION,
         _IMAGE_ORIENTATION,
         _NUMBER_OF_FRAMES,
+        _SPECIFIC_CHARACTER_SET,
+        *_STUDY_TAGS,
     )
 )
 _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
@@ -236,17 +266,37 @@ class ReceivedHeader(NamedTuple):
     study_instance_uid: str
     series_instance_uid: str
     geometry: str  # node.completeness.encode_geometry
+    study: StudyInfo
 
 
-def _header(values: dict[int, str]) -> ReceivedHeader:
+def _ascii(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("ascii", errors="replace").rstrip("\0 ")
+
+
+def _study_info(values: dict[int, bytes]) -> StudyInfo:
+    """The study's listing details, decoded in the instance's character set."""
+    charsets = (_ascii(values.get(_SPECIFIC_CHARACTER_SET)) or "").split("\\")
+    texts = []
+    for tag, (_, vr) in _STUDY_TAGS.items():
+        element = DataElement(tag, vr, values.get(tag, b""), is_undefined_length=False)
+        try:
+            decode_element(element, charsets)
+        except (LookupError, ValueError):
+            element.value = _ascii(values.get(tag, b""))
+        texts.append(str(element.value or "").strip())
+    return StudyInfo(*texts)
+
+
+def _header(values: dict[int, bytes]) -> ReceivedHeader:
     return ReceivedHeader(
-        values.get(_STUDY_INSTANCE_UID, ""),
-        values.get(_SERIES_INSTANCE_UID, ""),
+        _ascii(values.get(_STUDY_INSTANCE_UID)) or "",
+        _ascii(values.get(_SERIES_INSTANCE_UID)) or "",
         encode_geometry(
-            values.get(_IMAGE_POSITION),
-            values.get(_IMAGE_ORIENTATION),
-            values.get(_NUMBER_OF_FRAMES),
+            _ascii(values.get(_IMAGE_POSITION)),
+            _ascii(values.get(_IMAGE_ORIENTATION)),
+            _ascii(values.get(_NUMBER_OF_FRAMES)),
         ),
+        _study_info(values),
     )
 
 
@@ -258,7 +308,7 @@ def _scan_header(data: memoryview, implicit_vr: bool) -> ReceivedHeader | None:
     where that is not enough (an undefined length, an unknown VR, data that ends early),
     and the caller lets pydicom read the header instead.
     """
-    values: dict[int, str] = {}
+    values: dict[int, bytes] = {}
     offset = 0
     end = len(data)
     while offset + 8 <= end:
@@ -284,8 +334,7 @@ def _scan_header(data: memoryview, implicit_vr: bool) -> ReceivedHeader | None:
         if length == _UNDEFINED_LENGTH or offset + length > end:
             return None
         if tag in _SCANNED:
-            text = bytes(data[offset : offset + length]).decode("ascii", errors="replace")
-            values[tag] = text.rstrip("\0 ")
+            values[tag] = bytes(data[offset : offset + length])
         offset += length
     # The data ended: fine only if it ended exactly after an element.
     return _header(values) if offset == end else None
@@ -314,6 +363,7 @@ def _read_header(event: Event) -> ReceivedHeader:
         str(header.get("StudyInstanceUID", "")),
         str(header.get("SeriesInstanceUID", "")),
         geometry_of(header),
+        StudyInfo(*(str(header.get(name) or "").strip() for name, _ in _STUDY_TAGS.values())),
     )
 
 
@@ -324,6 +374,7 @@ def handle_store(
     config: Config,
     completion: CompletionOnRelease,
     disk_guard: DiskGuard,
+    counters: ReceiveCounters | None = None,
 ) -> int | Dataset:
     """Write the instance as received, record it, and only then answer Success.
 
@@ -338,7 +389,7 @@ def handle_store(
     try:
         sop_instance_uid = check_uid(str(request.AffectedSOPInstanceUID), "SOPInstanceUID")
         sop_class_uid = check_uid(str(request.AffectedSOPClassUID), "SOPClassUID")
-        study_uid, series_uid, geometry = _read_header(event)
+        study_uid, series_uid, geometry, study = _read_header(event)
         spool.check_uids(study_uid, series_uid, sop_instance_uid)
     except (InvalidUIDError, ValueError, EOFError, OSError, zlib.error) as exc:
         logger.warning("refused an instance from %s: %s", calling_ae, exc)
@@ -370,12 +421,16 @@ def handle_store(
             size=written.size,
             sha256=written.sha256,
             geometry=geometry,
+            study=study,
             rerun_late=config.completion.late == "rerun",
         )
     except (OSError, sqlite3.Error) as exc:
         logger.error("could not store %s: %s", sop_instance_uid, exc)
         return _status(OUT_OF_RESOURCES, f"cannot store: {exc}")
     completion.carried(event, series_uid)
+    if counters is not None and receipt.kind != ReceiptValues.DUPLICATE:
+        counters.instances.labels(calling_ae).inc()
+        counters.bytes.labels(calling_ae).inc(written.size)
     context = {"sop_instance_uid": sop_instance_uid, "calling_ae_title": calling_ae}
     if receipt.kind == ReceiptValues.DUPLICATE:
         logger.info(

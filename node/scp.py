@@ -15,10 +15,12 @@ from node.config import Config
 from node.disk_guard import DiskGuard
 from node.handlers import (
     CompletionOnRelease,
+    count_rejection,
     handle_association_request,
     handle_echo,
     handle_store,
 )
+from node.metrics import ReceiveCounters
 from node.spool import Spool
 from node.state import StateDB
 from node.transport import use_fast_acceptor
@@ -51,9 +53,14 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 
 def start_scp(
-    config: Config, spool: Spool, db: StateDB, disk_guard: DiskGuard
+    config: Config,
+    spool: Spool,
+    db: StateDB,
+    disk_guard: DiskGuard,
+    counters: ReceiveCounters | None = None,
 ) -> ThreadedAssociationServer:
-    """Start listening on the configured port (non-blocking); returns the server."""
+    """Start listening on the configured port (non-blocking); returns the server.
+    ``counters`` count associations and instances for ``/metrics``."""
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_pdu_size = config.node.max_pdu_bytes
     ae.require_called_aet = True
@@ -67,13 +74,14 @@ def start_scp(
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     completion = CompletionOnRelease(config, db)
     handlers: list[Any] = [
-        (evt.EVT_REQUESTED, handle_association_request, [config]),
-        (evt.EVT_ACCEPTED, completion.watch),
+        (evt.EVT_REQUESTED, handle_association_request, [config, counters]),
+        (evt.EVT_ACCEPTED, completion.watch, [counters]),
+        (evt.EVT_REJECTED, count_rejection, [counters]),
         (evt.EVT_RELEASED, completion.released),
         (evt.EVT_ABORTED, completion.ended),
         (evt.EVT_CONN_CLOSE, completion.ended),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion, disk_guard]),
+        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion, disk_guard, counters]),
     ]
     server = ae.start_server(
         (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers

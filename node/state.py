@@ -42,10 +42,11 @@ __all__ = [
     "SeriesStateValues",
     "StateDB",
     "StateDBError",
+    "StudyInfo",
 ]
 
 #: Bumped whenever the tables change; a DB of another version is refused at start.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 
 class SeriesStateValues(enum.StrEnum):
@@ -65,10 +66,18 @@ class JobStateValues(enum.StrEnum):
     SKIPPED = "skipped"  # the model does not take this series; reason says why
     SUPERSEDED = "superseded"  # newer input arrived before it ran; superseded_by runs instead
     KEPT = "kept"  # shadow mode: results written and kept, nothing sent
+    CANCELLED = "cancelled"  # an admin stopped it; results that still come are dropped
 
 
 #: Jobs that may still produce results.
 UNSETTLED_JOB_STATES = (JobStateValues.PENDING, JobStateValues.QUEUED, JobStateValues.RUNNING)
+#: Jobs :meth:`StateDB.retry_job` runs again.
+_RETRYABLE_JOB_STATES = (
+    JobStateValues.FAILED,
+    JobStateValues.CANCELLED,
+    JobStateValues.DELIVERED,
+    JobStateValues.KEPT,
+)
 
 
 class ReceiptValues(enum.StrEnum):
@@ -95,6 +104,18 @@ _MIGRATIONS = {
         "ALTER TABLE jobs ADD COLUMN results_at REAL",
         "ALTER TABLE deliveries ADD COLUMN last_attempt_at REAL",
         "ALTER TABLE deliveries ADD COLUMN delivered_at REAL",
+    ),
+    4: (
+        # Studies received before schema 5 are listed without patient and study details.
+        (
+            "CREATE TABLE studies (study_instance_uid TEXT PRIMARY KEY, patient_id TEXT, "
+            "patient_name TEXT, accession_number TEXT, study_date TEXT, "
+            "study_description TEXT, first_received REAL NOT NULL)"
+        ),
+        (
+            "INSERT INTO studies (study_instance_uid, first_received) SELECT "
+            "study_instance_uid, MIN(first_received) FROM series GROUP BY study_instance_uid"
+        ),
     ),
 }
 
@@ -125,6 +146,17 @@ CREATE TABLE IF NOT EXISTS instances (
     geometry TEXT  -- node.completeness.encode_geometry; NULL: not recorded (schema 3)
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_by_time ON instances (received_at);
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid TEXT PRIMARY KEY,
+    patient_id TEXT,  -- as the first instance of the study carried them
+    patient_name TEXT,
+    accession_number TEXT,
+    study_date TEXT,  -- YYYYMMDD
+    study_description TEXT,
+    first_received REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_by_time ON studies (first_received);
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     series_instance_uid TEXT NOT NULL,
@@ -174,6 +206,11 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_by_delivery ON delivery_attempts (delivery_id);
+CREATE INDEX IF NOT EXISTS series_by_study ON series (study_instance_uid);
+CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_instance_uid);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS deliveries_by_job ON deliveries (job_id);
+CREATE INDEX IF NOT EXISTS deliveries_by_state ON deliveries (state, next_attempt_at);
 """
 
 
@@ -210,6 +247,16 @@ class SeriesPlan(NamedTuple):
 
     jobs: Sequence[PlannedJob]
     ignored_reason: str | None = None
+
+
+class StudyInfo(NamedTuple):
+    """What the console lists a study by, as its first instance carried it."""
+
+    patient_id: str = ""
+    patient_name: str = ""
+    accession_number: str = ""
+    study_date: str = ""  # YYYYMMDD
+    study_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -408,10 +455,10 @@ class StateDB:
         with self._lock:
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             tables = self._conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables and version in _MIGRATIONS and not read_only:
+            while tables and version in _MIGRATIONS and not read_only:
                 for step in _MIGRATIONS[version]:
                     self._conn.execute(step)
-                version = SCHEMA_VERSION
+                version += 1
             if (tables or read_only) and version != SCHEMA_VERSION:
                 self._conn.close()
                 raise StateDBError(
@@ -449,6 +496,21 @@ class StateDB:
         with self._lock:
             return list(self._conn.execute(sql, params))
 
+    def select(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of a query that only reads, for reports over many tables
+        (:mod:`node.overview`, :mod:`node.metrics`)."""
+        return self._query(sql, params)
+
+    def writable(self) -> bool:
+        """Whether a write transaction can start now (the readiness check)."""
+        try:
+            with self._lock:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            return False
+        return True
+
     # -- receiving --------------------------------------------------------------------
 
     def record_instance(
@@ -463,6 +525,7 @@ class StateDB:
         size: int,
         sha256: str,
         geometry: str | None = None,
+        study: StudyInfo | None = None,
         rerun_late: bool = True,
         received_at: float | None = None,
     ) -> Receipt:
@@ -475,7 +538,8 @@ class StateDB:
         and a job whose input changed runs as a new version), otherwise the instance is
         kept, counted in ``late_instances`` and left out of the series. ``geometry`` is
         what the slice-gap check needs of it (:func:`node.completeness.encode_geometry`;
-        None: not known, the check reads the file).
+        None: not known, the check reads the file). ``study`` is recorded with the
+        study's first series.
         """
         now = time.time() if received_at is None else received_at
         with self._transaction() as conn:
@@ -519,6 +583,12 @@ class StateDB:
                         now,
                         SeriesStateValues.RECEIVING,
                     ),
+                )
+                conn.execute(
+                    "INSERT OR IGNORE INTO studies (study_instance_uid, patient_id, patient_name, "
+                    "accession_number, study_date, study_description, first_received) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (study_instance_uid, *(study or StudyInfo()), now),
                 )
             elif late:
                 reopened = self._reopen(conn, series_instance_uid, now, rerun_late)
@@ -1020,14 +1090,10 @@ class StateDB:
                     f"job {job_id} was replaced by job {row['superseded_by']}, which ran on "
                     "newer input; retry that one"
                 )
-            if row["state"] not in (
-                JobStateValues.FAILED,
-                JobStateValues.DELIVERED,
-                JobStateValues.KEPT,
-            ):
+            if row["state"] not in _RETRYABLE_JOB_STATES:
                 raise ValueError(
-                    f"job {job_id} is {row['state']}; only failed, delivered or kept jobs can "
-                    "be retried"
+                    f"job {job_id} is {row['state']}; only failed, cancelled, delivered or "
+                    "kept jobs can be retried"
                 )
             if row["manifest"] is None:
                 raise ValueError(f"job {job_id} has no input to run on")
@@ -1044,6 +1110,41 @@ class StateDB:
                 started_at=None,
                 results_at=None,
             )
+        job = self.job(job_id)
+        assert job is not None
+        return job
+
+    def cancel_job(self, job_id: int, reason: str) -> Job:
+        """Stop a job that has not finished: it is not dispatched (again), results that
+        still come are dropped, and its deliveries still pending fail with ``reason``.
+        Deliveries already acknowledged stay so. The caller revokes its Celery task.
+
+        Raises
+        ------
+        KeyError
+            If there is no job with that id.
+        ValueError
+            If the job has already finished (delivered, failed, kept, skipped,
+            superseded or cancelled).
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise KeyError(f"there is no job {job_id}")
+            if row["state"] not in (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY):
+                raise ValueError(f"job {job_id} is {row['state']}; there is nothing to cancel")
+            pending = conn.execute(
+                "SELECT id FROM deliveries WHERE job_id = ? AND state = ?",
+                (job_id, DeliveryStateValues.PENDING),
+            ).fetchall()
+            for delivery in pending:
+                conn.execute(
+                    "UPDATE deliveries SET state = ?, reason = ? WHERE id = ?",
+                    (DeliveryStateValues.FAILED, reason, delivery["id"]),
+                )
+                self._record_attempt(conn, delivery["id"], now, "cancelled", reason)
+            self._set_job(conn, job_id, state=JobStateValues.CANCELLED, reason=reason)
         job = self.job(job_id)
         assert job is not None
         return job
@@ -1087,6 +1188,52 @@ class StateDB:
             "INSERT INTO delivery_attempts (delivery_id, at, outcome, reason) VALUES (?, ?, ?, ?)",
             (delivery_id, now, outcome, reason),
         )
+
+    def delivery(self, delivery_id: int) -> Delivery | None:
+        rows = self._query("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+        return _delivery(rows[0]) if rows else None
+
+    def resend_delivery(self, delivery_id: int, note: str) -> Delivery:
+        """Send a failed (or an acknowledged) delivery's file again, now, with a fresh
+        retry budget; its attempts so far stay in its history, followed by ``note``. A
+        job that failed by its deliveries is waiting for results to be sent again.
+
+        Raises
+        ------
+        KeyError
+            If there is no delivery with that id.
+        ValueError
+            If it is still pending, or its job was cancelled or replaced.
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT d.state, d.job_id, j.state AS job_state, j.superseded_by "
+                "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
+                (delivery_id,),
+            ).fetchone()
+            if row is None:
+                raise KeyError(f"there is no delivery {delivery_id}")
+            if row["state"] == DeliveryStateValues.PENDING:
+                raise ValueError(f"delivery {delivery_id} is still pending; it is sent as due")
+            if row["job_state"] == JobStateValues.CANCELLED:
+                raise ValueError(f"job {row['job_id']} was cancelled; retry the job instead")
+            if row["superseded_by"] is not None:
+                raise ValueError(
+                    f"job {row['job_id']} was replaced by job {row['superseded_by']}; its "
+                    "results are withdrawn, not sent again"
+                )
+            conn.execute(
+                "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, "
+                "reason = NULL, delivered_at = NULL WHERE id = ?",
+                (DeliveryStateValues.PENDING, now, delivery_id),
+            )
+            self._record_attempt(conn, delivery_id, now, "resend", note)
+            if row["job_state"] in (JobStateValues.FAILED, JobStateValues.DELIVERED):
+                self._set_job(conn, row["job_id"], state=JobStateValues.RESULTS_READY, reason=None)
+        delivery = self.delivery(delivery_id)
+        assert delivery is not None
+        return delivery
 
     def mark_delivery_done(self, delivery_id: int) -> None:
         self._finish_delivery(delivery_id, DeliveryStateValues.DELIVERED, None)

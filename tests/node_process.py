@@ -62,7 +62,8 @@ class NodeProcess:
     workdir
         Holds config.yaml, the data folder and the node's log.
     config
-        The configuration; ``node.port`` and ``node.data_dir`` are filled in if absent.
+        The configuration; ``node.port``, ``node.data_dir`` and ``http.port`` are
+        filled in if absent.
     executable
         The ``pacsnode`` console script (this environment's by default).
     """
@@ -75,8 +76,12 @@ class NodeProcess:
         node.setdefault("port", free_port())
         node.setdefault("data_dir", str(workdir / "data"))
         node.setdefault("bind_address", "127.0.0.1")
+        http = config.setdefault("http", {})
+        http.setdefault("port", free_port())
         self.config = config
         self.port: int = node["port"]
+        #: The console's base URL (``http.port``).
+        self.console_url = f"http://127.0.0.1:{http['port']}"
         self.data_dir = Path(node["data_dir"])
         self.config_path = workdir / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

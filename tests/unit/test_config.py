@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from node.cli import main
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, HttpSettings, load_config
 
 GIB = 1024**3
 
@@ -42,10 +42,15 @@ def test_shipped_config_is_valid() -> None:
 
 def test_empty_file_gives_defaults(tmp_path: Path) -> None:
     config = load_config(_write(tmp_path, ""))
-    assert config == Config(node=config.node, models_dir=config.models_dir)
+    assert config == Config(node=config.node, models_dir=config.models_dir, http=config.http)
     assert config.node.data_dir == (tmp_path / "data").resolve()
     assert config.models_dir == (tmp_path / "models").resolve()  # beside the config file
     assert not config.accept_unknown_peers
+    # The console: on, local only, its token in the data folder.
+    assert config.http == HttpSettings(token_file=(tmp_path / "data" / "console.token").resolve())
+    assert (config.http.enabled, config.http.bind_address, config.http.port) == (
+        True, "127.0.0.1", 8080,
+    )  # fmt: skip
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:

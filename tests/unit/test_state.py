@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from node.state import (
+    SCHEMA_VERSION,
     DeliveryStateValues,
     JobStateValues,
     PlannedJob,
@@ -17,6 +18,7 @@ from node.state import (
     SeriesStateValues,
     StateDB,
     StateDBError,
+    StudyInfo,
 )
 from workers.contract import JobOutcome, JobRequest, Manifest, ManifestInstance
 
@@ -223,10 +225,11 @@ def test_a_db_of_another_schema_is_refused_with_advice(tmp_path: Path) -> None:
         StateDB(path)
 
 
-def test_a_schema_3_db_is_brought_to_schema_4_in_place(tmp_path: Path) -> None:
-    """A DB from before geometry and stage times were recorded keeps its rows; their
-    geometry is unknown (None: the gap check reads their files), new ones carry it, and
-    the stage times and delivery attempts are recorded from now on."""
+def test_a_schema_3_db_is_brought_to_the_current_schema_in_place(tmp_path: Path) -> None:
+    """A DB from before geometry, stage times and study details were recorded keeps its
+    rows; their geometry is unknown (None: the gap check reads their files), new ones
+    carry it, the stage times and delivery attempts are recorded from now on, and its
+    studies are listed without patient details."""
     from node.state import _MIGRATIONS
 
     path = tmp_path / "state.db"
@@ -238,6 +241,7 @@ def test_a_schema_3_db_is_brought_to_schema_4_in_place(tmp_path: Path) -> None:
         _, _, table, _, _, column, *_ = step.split()
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.execute("DROP TABLE delivery_attempts")
+    old.execute("DROP TABLE studies")
     old.execute("PRAGMA user_version = 3")
     old.commit()
     old.close()
@@ -257,9 +261,11 @@ def test_a_schema_3_db_is_brought_to_schema_4_in_place(tmp_path: Path) -> None:
     assert record is not None
     assert record.completed_at is not None
     assert record.routed_at is None
+    studies = db.select("SELECT study_instance_uid, patient_id, first_received FROM studies")
+    assert [tuple(row) for row in studies] == [(STUDY, None, 1.0)]
     db.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == 4
+    assert version == SCHEMA_VERSION == 5
 
 
 def test_unmatched_series_is_ignored_with_reason(db: StateDB) -> None:
@@ -353,8 +359,74 @@ def test_retry_refuses_unknown_and_running_jobs(db: StateDB) -> None:
         db.retry_job(42)
     job_id = _job(db, [])
     db.mark_job_queued(job_id, "task-1", _request(job_id))
-    with pytest.raises(ValueError, match=f"job {job_id} is queued; only failed, delivered or kept"):
+    with pytest.raises(ValueError, match=f"job {job_id} is queued; only failed, cancelled, "):
         db.retry_job(job_id)
+
+
+def test_a_study_is_recorded_with_its_first_instance_details(db: StateDB) -> None:
+    first = StudyInfo("PID1", "Doe^Jane", "ACC1", "20261130", "CT Thorax")
+    later = StudyInfo("OTHER", "Other^Name", "ACC2", "20260101", "changed")
+    for sop, info in (("1.1", first), ("1.2", later)):
+        db.record_instance(
+            sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            series_instance_uid=SERIES, study_instance_uid=STUDY, calling_ae_title="SCANNER",
+            path=Path(f"/spool/{sop}.dcm"), size=0, sha256=sop * 32, study=info,
+            received_at=5.0,
+        )  # fmt: skip
+    rows = db.select("SELECT * FROM studies")
+    assert [tuple(row) for row in rows] == [(STUDY, *first, 5.0)]
+
+
+def test_cancel_stops_a_job_and_its_pending_deliveries(db: StateDB) -> None:
+    job_id = _job(db, ["a", "b"])
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
+    files = {"a": [Path("/r/seg-binary.dcm")], "b": [Path("/r/sr.dcm")]}
+    assert db.record_results(job_id, OK, files)
+    first, second = db.deliveries(job_id)
+    db.mark_delivery_done(first.id)
+    job = db.cancel_job(job_id, "cancelled from the console by 127.0.0.1")
+    assert job.state == JobStateValues.CANCELLED
+    assert job.reason == "cancelled from the console by 127.0.0.1"
+    states = [(d.destination, d.state) for d in db.deliveries(job_id)]
+    assert states == [("a", DeliveryStateValues.DELIVERED), ("b", DeliveryStateValues.FAILED)]
+    assert [a.outcome for a in db.delivery_attempts(second.id)] == ["cancelled"]
+    assert db.due_deliveries(now=1e12) == []
+    assert not db.record_results(job_id, OK, files)  # a late result is dropped
+    with pytest.raises(ValueError, match=f"job {job_id} is cancelled; there is nothing to cancel"):
+        db.cancel_job(job_id, "again")
+    with pytest.raises(KeyError, match="there is no job 42"):
+        db.cancel_job(42, "x")
+    with pytest.raises(ValueError, match="was cancelled; retry the job instead"):
+        db.resend_delivery(second.id, "x")
+    assert db.retry_job(job_id).state == JobStateValues.PENDING
+
+
+def test_resend_puts_a_failed_delivery_back_with_a_fresh_budget(db: StateDB) -> None:
+    job_id = _job(db, ["a", "b"])
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
+    assert db.record_results(job_id, OK, {"a": [Path("/r/sr.dcm")], "b": [Path("/r/sr.dcm")]})
+    good, bad = db.deliveries(job_id)
+    db.mark_delivery_done(good.id)
+    db.postpone_delivery(bad.id, 0.0, "refused")
+    with pytest.raises(ValueError, match=f"delivery {bad.id} is still pending"):
+        db.resend_delivery(bad.id, "x")
+    db.mark_delivery_failed(bad.id, "gave up")
+    job = db.job(job_id)
+    assert job is not None
+    assert job.state == JobStateValues.FAILED
+    resent = db.resend_delivery(bad.id, "re-send requested by 127.0.0.1")
+    assert (resent.state, resent.attempts, resent.reason) == (DeliveryStateValues.PENDING, 0, None)
+    assert [a.outcome for a in db.delivery_attempts(bad.id)] == ["retry", "failed", "resend"]
+    job = db.job(job_id)
+    assert job is not None
+    assert (job.state, job.reason) == (JobStateValues.RESULTS_READY, None)
+    assert [d.id for d in db.due_deliveries(now=1e12)] == [bad.id]
+    db.mark_delivery_done(bad.id)
+    job = db.job(job_id)
+    assert job is not None
+    assert job.state == JobStateValues.DELIVERED
+    with pytest.raises(KeyError, match="there is no delivery 99"):
+        db.resend_delivery(99, "x")
 
 
 def test_job_without_destinations_is_done_when_results_are_in(db: StateDB) -> None:

@@ -19,6 +19,7 @@ from pynetdicom.dsutils import encode, encode_file_meta
 
 from node.completeness import NOT_JUDGED, decode_geometry, geometry_of
 from node.handlers import _encode_file_meta, _scan_header
+from node.state import StudyInfo
 from node.transport import _encode_c_store_rsp
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -90,6 +91,36 @@ def test_header_scan_records_the_slice_geometry_as_pydicom_reads_it(implicit: bo
     found = _scan_header(memoryview(_encoded(ds, implicit)), implicit)
     assert found is not None
     assert found.geometry == NOT_JUDGED
+
+
+@pytest.mark.parametrize(
+    ("charset", "name"),
+    [
+        (None, "Doe^Jane"),
+        ("ISO_IR 100", "Müller^Jürgen"),
+        ("ISO_IR 192", "Wang^XiaoDong=王^小東"),
+        (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+        (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    ],
+)
+@pytest.mark.parametrize("implicit", [True, False])
+def test_header_scan_records_the_study_details_as_pydicom_decodes_them(
+    implicit: bool, charset: str | list[str] | None, name: str
+) -> None:
+    """The console lists studies by patient, accession number and date: the scan must
+    decode them in the instance's own character set (pydicom encoded them in it)."""
+    ds = _dataset(with_sequence=False, undefined_length=False)
+    if charset is not None:
+        ds.SpecificCharacterSet = charset
+    ds.PatientName = name
+    ds.PatientID = "PID-42"
+    ds.AccessionNumber = "ACC7"
+    ds.StudyDate = "20261130"
+    ds.StudyDescription = "CT Thorax"
+    encoded = _encoded(ds, implicit)
+    found = _scan_header(memoryview(encoded), implicit)
+    assert found is not None
+    assert found.study == StudyInfo("PID-42", name, "ACC7", "20261130", "CT Thorax")
 
 
 def test_uid_scan_gives_up_where_pydicom_is_needed() -> None:

@@ -1,0 +1,239 @@
+"""``/metrics``: what the node did and how long each stage took, for Prometheus.
+
+Two sources. What the SCP sees and the DB does not keep (associations, instances and
+bytes per calling AE as they arrive) is counted in this process by
+:class:`ReceiveCounters`; it starts from zero at each start, as Prometheus expects of a
+counter. Everything about jobs and deliveries is read from the state DB at each scrape
+by :class:`NodeCollector`, so the figures always equal what ``pacsnode jobs`` and the
+console show, across restarts. Label values are bounded: AE titles, model and
+destination names from config.yaml, states and stage names; never UIDs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from node.disk_guard import DiskGuard
+from node.health import BrokerProbe
+from node.state import DeliveryStateValues, StateDB
+
+__all__ = ["STAGE_BUCKETS", "NodeCollector", "ReceiveCounters"]
+
+#: Histogram buckets (seconds) for every stage: from a fast routing step to a long
+#: inference on a CPU.
+STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
+#: The worker's own stages (workers.pipeline: JobOutcome.timings_s).
+WORKER_STAGES = ("verify", "load", "inference", "results")
+#: Folder sizes are walked at most this often (a walk of a large spool takes a while).
+_SIZE_CACHE_SECONDS = 60.0
+
+
+class ReceiveCounters:
+    """What the SCP counts as it goes (on the registry the console serves)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.associations = Counter(
+            "pacsnode_associations",
+            "Associations requested, by calling AE title and outcome (accepted or rejected).",
+            ["calling_ae", "outcome"],
+            registry=registry,
+        )
+        self.instances = Counter(
+            "pacsnode_instances_received",
+            "Instances stored (answered Success and recorded), by calling AE title.",
+            ["calling_ae"],
+            registry=registry,
+        )
+        self.bytes = Counter(
+            "pacsnode_received_bytes",
+            "Bytes of instances stored, by calling AE title.",
+            ["calling_ae"],
+            registry=registry,
+        )
+
+
+class _Histogram:
+    """Observations bucketed as Prometheus wants them (cumulative), per label set."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, ...], list[int]] = {}
+        self.sums: dict[tuple[str, ...], float] = {}
+
+    def observe(self, labels: tuple[str, ...], seconds: float | None) -> None:
+        if seconds is None or seconds < 0:
+            return
+        counts = self.counts.setdefault(labels, [0] * (len(STAGE_BUCKETS) + 1))
+        counts[bisect.bisect_left(STAGE_BUCKETS, seconds)] += 1
+        self.sums[labels] = self.sums.get(labels, 0.0) + seconds
+
+    def family(self, name: str, documentation: str, label_names: list[str]) -> Metric:
+        family = HistogramMetricFamily(name, documentation, labels=label_names)
+        for labels, counts in sorted(self.counts.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip([*STAGE_BUCKETS, float("inf")], counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else str(bound), cumulative))
+            family.add_metric(list(labels), buckets, self.sums[labels])
+        return family
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else end - start
+
+
+def _folder_bytes(folder: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue  # removed while walking
+    return total
+
+
+class NodeCollector(Collector):
+    """Reads the state DB (and the disk and broker) at each scrape.
+
+    Parameters
+    ----------
+    db
+        The console's read-only connection to the state DB.
+    disk_guard
+        The free space and the guard's threshold.
+    probe
+        The broker's queue depths.
+    folders
+        Name -> folder whose size is reported (spool, results).
+    """
+
+    def __init__(
+        self, db: StateDB, disk_guard: DiskGuard, probe: BrokerProbe, folders: dict[str, Path]
+    ) -> None:
+        self.db = db
+        self.disk_guard = disk_guard
+        self.probe = probe
+        self.folders = folders
+        self._sizes: dict[str, int] = {}
+        self._sized_at = 0.0
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._jobs()
+        yield from self._deliveries()
+        yield self._stages()
+        yield from self._gauges()
+
+    def _jobs(self) -> Iterable[Metric]:
+        jobs = CounterMetricFamily(
+            "pacsnode_jobs", "Jobs by model and state (final or not).", labels=["model", "state"]
+        )
+        for row in self.db.select("SELECT model, state, COUNT(*) FROM jobs GROUP BY 1, 2"):
+            jobs.add_metric([row[0], row[1]], row[2])
+        yield jobs
+
+    def _deliveries(self) -> Iterable[Metric]:
+        attempts = CounterMetricFamily(
+            "pacsnode_delivery_attempts",
+            "Tries to send a result file, by destination and outcome (delivered, retry, "
+            "failed, cancelled, resend).",
+            labels=["destination", "outcome"],
+        )
+        for row in self.db.select(
+            "SELECT d.destination, a.outcome, COUNT(*) FROM delivery_attempts a "
+            "JOIN deliveries d ON d.id = a.delivery_id GROUP BY 1, 2"
+        ):
+            attempts.add_metric([row[0], row[1]], row[2])
+        yield attempts
+
+    def _stages(self) -> Metric:
+        """Every stage of every job, as the DB's timestamps and the worker's own timings
+        say; a stage not reached is not observed."""
+        histogram = _Histogram()
+        rows = self.db.select(
+            "SELECT j.model, s.first_received, s.last_received, s.completed_at, j.created_at, "
+            "j.dispatched_at, j.started_at, j.results_at, json_extract(j.result, '$.timings_s') "
+            "AS timings, (SELECT MAX(delivered_at) FROM deliveries d WHERE d.job_id = j.id "
+            "AND d.state = ?) AS delivered_at FROM jobs j "
+            "JOIN series s ON s.series_instance_uid = j.series_instance_uid "
+            "WHERE j.dispatched_at IS NOT NULL",
+            (DeliveryStateValues.DELIVERED,),
+        )
+        observe = histogram.observe
+        for row in rows:
+            model = row["model"]
+            observe(
+                (model, "receive_to_complete"), _span(row["first_received"], row["completed_at"])
+            )
+            observe((model, "complete_to_queued"), _span(row["completed_at"], row["dispatched_at"]))
+            observe((model, "queue_wait"), _span(row["dispatched_at"], row["started_at"]))
+            if row["timings"]:
+                timings = json.loads(row["timings"])
+                for stage in WORKER_STAGES:
+                    observe((model, stage), timings.get(stage))
+            observe(
+                (model, "results_to_acknowledged"), _span(row["results_at"], row["delivered_at"])
+            )
+            observe((model, "end_to_end"), _span(row["last_received"], row["delivered_at"]))
+        return histogram.family(
+            "pacsnode_stage_seconds",
+            "Seconds each stage took, per model: receive_to_complete (first instance to "
+            "complete), complete_to_queued, queue_wait, the worker's verify, load, inference "
+            "and results, results_to_acknowledged (last delivery) and end_to_end (last "
+            "instance to last delivery acknowledged).",
+            ["model", "stage"],
+        )
+
+    def _gauges(self) -> Iterable[Metric]:
+        space = self.disk_guard.space()
+        yield GaugeMetricFamily(
+            "pacsnode_disk_free_bytes", "Free bytes on the data folder's file system.",
+            value=space.free_bytes,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "pacsnode_disk_guard_bytes",
+            "Free space below which new instances are refused (storage.min_free_*).",
+            value=space.threshold_bytes,
+        )
+        sizes = GaugeMetricFamily(
+            "pacsnode_folder_bytes", "Bytes in the node's folders.", labels=["folder"]
+        )
+        for name, size in self._folder_sizes().items():
+            sizes.add_metric([name], size)
+        yield sizes
+        depth = GaugeMetricFamily(
+            "pacsnode_queue_depth", "Tasks waiting in each broker queue.", labels=["queue"]
+        )
+        for queue, count in self.probe.view.queue_depth.items():
+            depth.add_metric([queue], count)
+        yield depth
+        oldest = self.db.select(
+            "SELECT MIN(created_at) FROM deliveries WHERE state = ?", (DeliveryStateValues.PENDING,)
+        )[0][0]
+        yield GaugeMetricFamily(
+            "pacsnode_oldest_pending_delivery_seconds",
+            "Age of the oldest delivery not yet acknowledged (0: none pending).",
+            value=0.0 if oldest is None else time.time() - oldest,
+        )
+
+    def _folder_sizes(self) -> dict[str, int]:
+        with self._lock:
+            if time.monotonic() - self._sized_at > _SIZE_CACHE_SECONDS:
+                self._sizes = {name: _folder_bytes(path) for name, path in self.folders.items()}
+                self._sized_at = time.monotonic()
+            return dict(self._sizes)
