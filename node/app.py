@@ -32,6 +32,7 @@ from node.disk_guard import DiskGuard
 from node.dispatch import Dispatcher
 from node.health import BrokerProbe
 from node.metrics import NodeCollector, ReceiveCounters
+from node.retention import run_cleanup
 from node.routing import route_complete_studies
 from node.scp import start_scp
 from node.sender import Sender
@@ -54,6 +55,8 @@ _COLLECT_SECONDS = 0.05
 _RESTART_KEYS = ("node", "http", "peers", "accept_unknown_peers", "completion", "broker", "worker",
                  "models_dir")  # fmt: skip
 _RECOVERED_FROM = "(recovered)"
+#: The first retention pass waits this long after start (recovery first).
+_FIRST_CLEANUP_SECONDS = 60.0
 
 
 def recover_spool(spool: Spool, db: StateDB, *, rerun_late: bool = True) -> int:
@@ -210,6 +213,8 @@ class Node:
         sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender_thread.start()
         console = self._start_console(server)
+        cleanup = threading.Thread(target=self._cleanup_loop, name="retention", daemon=True)
+        cleanup.start()
         try:
             while not self.stopping.wait(self._next_tick_in()):
                 self._tick()
@@ -295,6 +300,17 @@ class Node:
         if deadline is None:
             return _TICK_SECONDS
         return min(_TICK_SECONDS, max(deadline - time.time() + 0.001, 0.0))
+
+    def _cleanup_loop(self) -> None:
+        """Retention (:mod:`node.retention`): a pass a minute after start, then every
+        ``retention.interval_minutes`` (as configured now: SIGHUP applies)."""
+        wait = _FIRST_CLEANUP_SECONDS
+        while not self.stopping.wait(wait):
+            try:
+                run_cleanup(self.db, self.spool, self.config.node.data_dir, self.config.retention)
+            except Exception:
+                logger.exception("retention pass failed; trying again at the next one")
+            wait = self.config.retention.interval_minutes * 60
 
     def _send_loop(self) -> None:
         while not self.stopping.is_set():

@@ -404,6 +404,42 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_cleanup(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.retention import run_cleanup
+    from node.spool import Spool
+    from node.state import StateDB, StateDBError
+
+    path = config.node.data_dir / "state.db"
+    if not path.is_file():
+        _out(f"nothing to clean: no state DB at {path}")
+        return EXIT_OK
+    try:
+        db = StateDB(path, read_only=args.dry_run)
+    except (StateDBError, sqlite3.Error) as exc:
+        sys.stderr.write(f"cannot open the state DB {path}: {exc}\n")
+        return EXIT_FAILED
+    now = time.time() if args.as_of is None else args.as_of
+    try:
+        removals = run_cleanup(
+            db,
+            Spool(config.node.data_dir / "spool"),
+            config.node.data_dir,
+            config.retention,
+            now=now,
+            dry_run=args.dry_run,
+        )
+    finally:
+        db.close()
+    verb = "would remove" if args.dry_run else "removed"
+    for removal in removals:
+        _out(f"{verb} {removal.describe(now)}")
+    _out(f"{len(removals)} removals" + (" (dry run: nothing was removed)" if args.dry_run else ""))
+    return EXIT_OK
+
+
 def _cmd_echo(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
@@ -521,6 +557,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--study", help="only jobs of this Study Instance UID")
     jobs.set_defaults(handler=_cmd_jobs)
+    cleanup = with_config("cleanup", "remove what retention: says has been kept long enough")
+    cleanup.add_argument(
+        "--dry-run", action="store_true", help="print what would be removed; remove nothing"
+    )
+    cleanup.add_argument(
+        "--as-of",
+        type=since_time,
+        help="count ages as of this date or time (2026-12-31, 2026-12-31T08:00) instead of now",
+    )
+    cleanup.set_defaults(handler=_cmd_cleanup)
     with_config(
         "models", "list the models (built in and in models_dir) and their problems"
     ).set_defaults(handler=_cmd_models)

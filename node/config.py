@@ -100,6 +100,21 @@ class StorageSettings(_Frozen):
         )
 
 
+class RetentionSettings(_Frozen):
+    """How long an idle study's data stays (:mod:`node.retention`); null keeps it."""
+
+    inputs_days: float | None = Field(default=7.0, gt=0)
+    """Spooled instances of a study whose jobs were delivered."""
+    results_days: float | None = Field(default=30.0, gt=0)
+    """Each job's result files (SEG, SR, overlays) of a delivered study."""
+    failed_days: float | None = Field(default=14.0, gt=0)
+    """Inputs and results of a study a job failed on, or that no model ran on."""
+    records_days: float | None = Field(default=90.0, gt=0)
+    """Every state DB row of the study (and any file left)."""
+    interval_minutes: float = Field(default=60.0, gt=0)
+    """How often ``pacsnode run`` makes a cleanup pass (the first a minute after start)."""
+
+
 class HttpSettings(_Frozen):
     """The web console, JSON API, health checks and metrics (:mod:`node.console`)."""
 
@@ -307,6 +322,7 @@ class Config(_Frozen):
     node: NodeSettings = Field(default_factory=NodeSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     peers: list[Peer] = Field(default_factory=list)
     accept_unknown_peers: bool = False
     destinations: dict[str, Destination] = Field(default_factory=dict)

@@ -387,7 +387,10 @@ class ConsoleServer:
 
     def __init__(self, app: Starlette, bind_address: str, port: int) -> None:
         family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, so that asyncio sets TCP_NODELAY on each connection (it
+        # checks the protocol): without it a kept-alive connection waits 40 ms for the
+        # client's delayed ACK between a response's head and its body.
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self.socket.bind((bind_address, port))

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -153,16 +154,33 @@ class Spool:
                 os.close(fd)
             directory = final.parent
             if directory not in self._known_dirs:
-                directory.mkdir(parents=True, exist_ok=True)
-                _fsync_dir(directory.parent)
-                _fsync_dir(directory.parent.parent)
-                self._known_dirs.add(directory)
-            os.replace(temporary, final)
+                self._make_dir(directory)
+            try:
+                os.replace(temporary, final)
+            except FileNotFoundError:
+                # Its folder went since (retention, maybe in `pacsnode cleanup`).
+                self._make_dir(directory)
+                os.replace(temporary, final)
             _fsync_dir(directory)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
         return spooled
+
+    def _make_dir(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(directory.parent)
+        _fsync_dir(directory.parent.parent)
+        self._known_dirs.add(directory)
+
+    def remove_study(self, study_instance_uid: str) -> int:
+        """Delete a study's folder (retention): every file of it, replaced copies
+        included; its folders are forgotten as known. Returns how many files went."""
+        folder = self.root / check_uid(study_instance_uid, "StudyInstanceUID")
+        files = sum(1 for _ in folder.glob("*/*.dcm"))
+        self._known_dirs = {d for d in self._known_dirs if folder not in d.parents}
+        shutil.rmtree(folder, ignore_errors=True)
+        return files
 
     def clean_incoming(self) -> int:
         """Remove partial files left by a crash; returns how many."""

@@ -18,7 +18,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ __all__ = [
     "SeriesStateValues",
     "StateDB",
     "StateDBError",
+    "StudyActivity",
     "StudyInfo",
 ]
 
@@ -257,6 +258,62 @@ class StudyInfo(NamedTuple):
     accession_number: str = ""
     study_date: str = ""  # YYYYMMDD
     study_description: str = ""
+
+
+@dataclass(frozen=True)
+class StudyActivity:
+    """What retention needs to know of a study (:mod:`node.retention`)."""
+
+    study_instance_uid: str
+    #: Its last activity: an instance received, a job or a delivery settled.
+    idle_since: float
+    #: A series receiving or waiting for routing, a job not finished, a delivery pending.
+    busy: bool
+    #: failed: a job (not replaced) failed or was cancelled; delivered: a job was
+    #: delivered (or kept, in shadow mode); ignored: no model ran on it.
+    outcome: str
+    has_inputs: bool
+    #: Jobs that wrote results.
+    job_ids: tuple[int, ...]
+
+
+#: Every study's activity, or one study's (``{where}``: a filter on study_instance_uid).
+_STUDY_ACTIVITY = """
+WITH s AS (SELECT study_instance_uid AS uid, MAX(last_received) AS last,
+                  SUM(state IN ('receiving', 'complete')) AS open
+           FROM series {where} GROUP BY 1),
+     j AS (SELECT study_instance_uid AS uid, MAX(updated_at) AS last,
+                  SUM(state IN ('pending', 'queued', 'running', 'results_ready')) AS busy,
+                  SUM(state IN ('failed', 'cancelled') AND superseded_by IS NULL) AS failed,
+                  SUM(state IN ('delivered', 'kept')) AS done,
+                  GROUP_CONCAT(CASE WHEN result IS NOT NULL THEN id END) AS with_results
+           FROM jobs {where} GROUP BY 1),
+     d AS (SELECT j.study_instance_uid AS uid,
+                  MAX(COALESCE(d.last_attempt_at, d.created_at)) AS last,
+                  SUM(d.state = 'pending') AS pending
+           FROM deliveries d JOIN jobs j ON j.id = d.job_id {where_jobs} GROUP BY 1),
+     i AS (SELECT s.study_instance_uid AS uid, COUNT(*) AS n
+           FROM instances i JOIN series s USING (series_instance_uid) {where_series} GROUP BY 1)
+SELECT s.uid, MAX(s.last, COALESCE(j.last, 0), COALESCE(d.last, 0)) AS idle_since,
+       s.open + COALESCE(j.busy, 0) + COALESCE(d.pending, 0) AS busy,
+       COALESCE(j.failed, 0) AS failed, COALESCE(j.done, 0) AS done, j.with_results,
+       COALESCE(i.n, 0) AS instances
+FROM s LEFT JOIN j USING (uid) LEFT JOIN d USING (uid) LEFT JOIN i USING (uid)
+ORDER BY idle_since
+"""
+
+
+def _study_activity(row: sqlite3.Row) -> StudyActivity:
+    outcome = "failed" if row["failed"] else "delivered" if row["done"] else "ignored"
+    with_results = row["with_results"]
+    return StudyActivity(
+        study_instance_uid=row["uid"],
+        idle_since=row["idle_since"],
+        busy=bool(row["busy"]),
+        outcome=outcome,
+        has_inputs=bool(row["instances"]),
+        job_ids=tuple(int(i) for i in with_results.split(",")) if with_results else (),
+    )
 
 
 @dataclass(frozen=True)
@@ -1208,7 +1265,7 @@ class StateDB:
         now = time.time()
         with self._transaction() as conn:
             row = conn.execute(
-                "SELECT d.state, d.job_id, j.state AS job_state, j.superseded_by "
+                "SELECT d.state, d.path, d.job_id, j.state AS job_state, j.superseded_by "
                 "FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE d.id = ?",
                 (delivery_id,),
             ).fetchone()
@@ -1223,6 +1280,10 @@ class StateDB:
                     f"job {row['job_id']} was replaced by job {row['superseded_by']}; its "
                     "results are withdrawn, not sent again"
                 )
+            if not Path(row["path"]).is_file():
+                raise ValueError(
+                    f"{row['path']} is gone (removed by retention); retry job {row['job_id']}"
+                )
             conn.execute(
                 "UPDATE deliveries SET state = ?, attempts = 0, next_attempt_at = ?, "
                 "reason = NULL, delivered_at = NULL WHERE id = ?",
@@ -1234,6 +1295,71 @@ class StateDB:
         delivery = self.delivery(delivery_id)
         assert delivery is not None
         return delivery
+
+    # -- retention -------------------------------------------------------------------
+
+    def study_activity(self) -> list[StudyActivity]:
+        """Every study's activity, the longest idle first."""
+        sql = _STUDY_ACTIVITY.format(where="", where_jobs="", where_series="")
+        return [_study_activity(row) for row in self._query(sql)]
+
+    @staticmethod
+    def _one_study_activity(conn: sqlite3.Connection, uid: str) -> StudyActivity | None:
+        sql = _STUDY_ACTIVITY.format(
+            where="WHERE study_instance_uid = :uid",
+            where_jobs="WHERE j.study_instance_uid = :uid",
+            where_series="WHERE s.study_instance_uid = :uid",
+        )
+        row = conn.execute(sql, {"uid": uid}).fetchone()
+        return None if row is None else _study_activity(row)
+
+    def study_idle_since(self, study_instance_uid: str, idle_since: float) -> bool:
+        """Whether the study is still idle, with no activity since ``idle_since``."""
+        with self._lock:
+            now = self._one_study_activity(self._conn, study_instance_uid)
+        return now is not None and not now.busy and now.idle_since == idle_since
+
+    def job_ids_of_study(self, study_instance_uid: str) -> list[int]:
+        rows = self._query(
+            "SELECT id FROM jobs WHERE study_instance_uid = ? ORDER BY id", (study_instance_uid,)
+        )
+        return [row["id"] for row in rows]
+
+    def remove_study_data(
+        self,
+        study_instance_uid: str,
+        idle_since: float,
+        remove_files: Callable[[], object],
+        *,
+        records: bool,
+    ) -> bool:
+        """Retention: call ``remove_files`` (which deletes the study's spooled files)
+        inside the transaction that then drops their rows, so that none of the study's
+        instances is recorded meanwhile; with ``records`` every row of the study goes.
+        Returns False, removing nothing, unless the study is still idle since
+        ``idle_since``."""
+        with self._transaction() as conn:
+            now = self._one_study_activity(conn, study_instance_uid)
+            if now is None or now.busy or now.idle_since != idle_since:
+                return False
+            remove_files()
+            conn.execute(
+                "DELETE FROM instances WHERE series_instance_uid IN "
+                "(SELECT series_instance_uid FROM series WHERE study_instance_uid = ?)",
+                (study_instance_uid,),
+            )
+            if records:
+                # Attempts go with their deliveries (ON DELETE CASCADE).
+                conn.execute(
+                    "DELETE FROM deliveries WHERE job_id IN "
+                    "(SELECT id FROM jobs WHERE study_instance_uid = ?)",
+                    (study_instance_uid,),
+                )
+                for table in ("jobs", "series", "studies"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE study_instance_uid = ?", (study_instance_uid,)
+                    )
+        return True
 
     def mark_delivery_done(self, delivery_id: int) -> None:
         self._finish_delivery(delivery_id, DeliveryStateValues.DELIVERED, None)

@@ -2,8 +2,9 @@
 
 storescu sends more than fits above the guard: every instance answered Success is on
 disk and recorded, the others got Out of Resources (0xA700) before anything was written,
-C-ECHO still works, and one warning per association names the free space. After space
-is freed the same storescu run succeeds and the study is processed and delivered.
+C-ECHO still works, one warning per association names the free space, /readyz names the
+disk and the dashboard shows a banner. After space is freed the same storescu run
+succeeds and the study is processed and delivered.
 Mounting a tmpfs needs root; elsewhere the test is skipped and says why.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from pydicom import dcmread
 
 from node.state import JobStateValues
@@ -109,8 +111,19 @@ def test_a_full_disk_refuses_new_instances_and_loses_nothing(
             assert len(warnings) == 1, warnings  # once per association
             assert "free of" in warnings[0]
             assert "below the disk guard" in warnings[0]
+            # The console says so: /readyz names the disk, the dashboard has a banner.
+            ready = requests.get(f"{node.console_url}/readyz", timeout=30)
+            assert ready.status_code == 503
+            assert "disk" in ready.json()["failing"]
+            assert not ready.json()["checks"]["disk"]["ok"]
+            dashboard = requests.get(node.console_url, timeout=30).text
+            assert 'id="disk-banner"' in dashboard
+            assert "New instances are refused" in dashboard
 
             filler.unlink()  # space is back: the same run goes through, no restart
+            ready = requests.get(f"{node.console_url}/readyz", timeout=30)
+            assert ready.json()["checks"]["disk"]["ok"]
+            assert 'id="disk-banner"' not in requests.get(node.console_url, timeout=30).text
             again = run_storescu(
                 "127.0.0.1", node.port, NODE_AE_TITLE, "SCANNER", files, extra_args=["-v"]
             )

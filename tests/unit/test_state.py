@@ -401,10 +401,14 @@ def test_cancel_stops_a_job_and_its_pending_deliveries(db: StateDB) -> None:
     assert db.retry_job(job_id).state == JobStateValues.PENDING
 
 
-def test_resend_puts_a_failed_delivery_back_with_a_fresh_budget(db: StateDB) -> None:
+def test_resend_puts_a_failed_delivery_back_with_a_fresh_budget(
+    db: StateDB, tmp_path: Path
+) -> None:
     job_id = _job(db, ["a", "b"])
     db.mark_job_queued(job_id, "task-1", _request(job_id))
-    assert db.record_results(job_id, OK, {"a": [Path("/r/sr.dcm")], "b": [Path("/r/sr.dcm")]})
+    sr = tmp_path / "sr.dcm"
+    sr.write_bytes(b"SR")
+    assert db.record_results(job_id, OK, {"a": [sr], "b": [sr]})
     good, bad = db.deliveries(job_id)
     db.mark_delivery_done(good.id)
     db.postpone_delivery(bad.id, 0.0, "refused")
@@ -427,6 +431,9 @@ def test_resend_puts_a_failed_delivery_back_with_a_fresh_budget(db: StateDB) -> 
     assert job.state == JobStateValues.DELIVERED
     with pytest.raises(KeyError, match="there is no delivery 99"):
         db.resend_delivery(99, "x")
+    sr.unlink()  # retention removed the results
+    with pytest.raises(ValueError, match=r"sr\.dcm is gone \(removed by retention\); retry job"):
+        db.resend_delivery(bad.id, "x")
 
 
 def test_job_without_destinations_is_done_when_results_are_in(db: StateDB) -> None:
