@@ -105,7 +105,7 @@ class Console:
         return HTMLResponse(html)
 
     def _banner(self) -> str | None:
-        space = self.disk_guard.space()
+        space = self.disk_guard.status()
         return f"New instances are refused: {space.describe()}" if space.low else None
 
     async def _authorised(self, request: Request) -> tuple[Response | None, dict[str, str]]:
@@ -154,7 +154,7 @@ class Console:
     def summary(self) -> dict[str, Any]:
         figures = overview.dashboard(self.reader)
         view = self.probe.view
-        space = self.disk_guard.space()
+        space = self.disk_guard.status()
         return {
             **figures,
             "disk": {

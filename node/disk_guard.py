@@ -56,6 +56,8 @@ class DiskGuard:
         self.folder = folder
         self.settings = settings
         self._warned: weakref.WeakSet[object] = weakref.WeakSet()
+        #: The size of the last instance refused, until one is accepted again.
+        self._refused_bytes = 0
 
     def space(self, incoming_bytes: int = 0) -> DiskSpace:
         """The free space once ``incoming_bytes`` more were written."""
@@ -66,12 +68,21 @@ class DiskGuard:
             self.settings.threshold_bytes(usage.total),
         )
 
+    def status(self) -> DiskSpace:
+        """The free space as the guard judges it now (readiness, the console's banner):
+        less the size of the last instance it refused, until one is accepted again, so
+        that a guard refusing 130 KiB instances is not reported fine with 100 KiB to
+        spare above its line."""
+        return self.space(self._refused_bytes)
+
     def refusal(self, incoming_bytes: int, association: object) -> str | None:
         """Why an instance of ``incoming_bytes`` must be refused, or None to accept it;
         the first refusal on ``association`` is logged as a warning."""
         space = self.space(incoming_bytes)
         if not space.low:
+            self._refused_bytes = 0
             return None
+        self._refused_bytes = incoming_bytes
         reason = f"disk nearly full: {space.describe()}"
         if association not in self._warned:
             self._warned.add(association)

@@ -127,7 +127,7 @@ def readiness(
     view = probe.view
     alive = view.workers_alive(now)
     running = db.select("SELECT COUNT(*) FROM jobs WHERE state = ?", (JobStateValues.RUNNING,))
-    space = disk_guard.space()
+    space = disk_guard.status()
     return {
         "scp": {"ok": scp_listening()},
         "broker": {"ok": view.broker_error is None, "error": view.broker_error},

@@ -114,7 +114,7 @@ def test_a_full_disk_refuses_new_instances_and_loses_nothing(
             # The console says so: /readyz names the disk, the dashboard has a banner.
             ready = requests.get(f"{node.console_url}/readyz", timeout=30)
             assert ready.status_code == 503
-            assert "disk" in ready.json()["failing"]
+            assert "disk" in ready.json()["failing"], ready.json()
             assert not ready.json()["checks"]["disk"]["ok"]
             dashboard = requests.get(node.console_url, timeout=30).text
             assert 'id="disk-banner"' in dashboard
