@@ -314,6 +314,12 @@ class Model(abc.ABC):
         digest = cls.weights_sha256()
         return cls.version if digest is None else f"{cls.version} sha256:{digest[:12]}"
 
+    def last_stage_seconds(self) -> dict[str, float]:
+        """The parts of the last ``predict`` the model timed (``preprocess``,
+        ``network``, ``postprocess``), reported with the job's stage times; empty for a
+        model that does not tell (its whole ``predict`` is the job's ``inference``)."""
+        return {}
+
 
 _WEIGHTS_DIGESTS: dict[type[Model], str | None] = {}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,25 @@ class _Grid:
     spacing: tuple[float, ...]
 
 
+class _StageClock:
+    """Seconds between marks, for a job's timings; on a GPU each mark waits for the
+    device, so that a stage's time is its own and not its predecessor's queue."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def mark(self, stage: str) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.seconds[stage] = now - self._last
+        self._last = now
+
+
 class NetworkRunner:
     """A loaded network and the steps around it; one per model per worker process."""
 
@@ -208,6 +228,8 @@ class NetworkRunner:
             self.chain = BundleChain(info, self.net, self.device)
         # BatchNorm and friends are stateless in eval(), but keep one job at a time per model.
         self.lock = threading.Lock()
+        #: The parts of the last call (preprocess, network, postprocess), in seconds.
+        self.last_seconds: dict[str, float] = {}
         logger.info(
             "%s %s: %s on %s%s, %s",
             info.name,
@@ -369,9 +391,12 @@ class NetworkRunner:
         if self.chain is not None:
             return self.chain.segment(volume)
         with self.lock, torch.inference_mode():
+            clock = _StageClock(self.device)
             x, grid = self.to_network_input(volume)
+            clock.mark("preprocess")
             logits = self.sliding_window(x)
             del x
+            clock.mark("network")
             channels = int(logits.shape[1])
             highest = max((label.value for label in self.info.labels), default=0)
             if not highest < channels <= 256:
@@ -389,7 +414,10 @@ class NetworkRunner:
                 )
                 torch.cuda.empty_cache()
                 labels = self._labels_on_grid(logits.cpu(), grid)
-            return np.ascontiguousarray(labels.cpu().numpy(), dtype=np.uint8)
+            result = np.ascontiguousarray(labels.cpu().numpy(), dtype=np.uint8)
+            clock.mark("postprocess")
+            self.last_seconds = clock.seconds
+            return result
 
     def _labels_on_grid(self, logits: torch.Tensor, grid: _Grid) -> torch.Tensor:
         """Resample the logits to the volume's (reoriented) grid, argmax, orient back."""
@@ -411,9 +439,12 @@ class NetworkRunner:
         if self.chain is not None:
             return self.chain.classify(volume)
         with self.lock, torch.inference_mode():
+            clock = _StageClock(self.device)
             x, _ = self.to_network_input(volume)
+            clock.mark("preprocess")
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 output = self.net(x)
+            clock.mark("network")
             scores = torch.as_tensor(output).float().reshape(-1)
             if scores.numel() != len(info.classes):
                 raise RuntimeError(
@@ -424,7 +455,10 @@ class NetworkRunner:
                 probabilities = torch.softmax(scores, dim=0)
             else:
                 probabilities = torch.sigmoid(scores)
-            return tuple(float(p) for p in probabilities.cpu())
+            result = tuple(float(p) for p in probabilities.cpu())
+            clock.mark("postprocess")
+            self.last_seconds = clock.seconds
+            return result
 
 
 class _NetworkModel:
@@ -480,6 +514,9 @@ class _NetworkModel:
     @property
     def runner(self) -> NetworkRunner:
         return self._runner
+
+    def last_stage_seconds(self) -> dict[str, float]:
+        return dict(self._runner.last_seconds)
 
 
 class NetworkSegmentationModel(_NetworkModel, SegmentationModel):

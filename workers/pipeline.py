@@ -261,6 +261,7 @@ def _segment(
     except ModelError as exc:
         return _failed(request.job_id, f"{model.name}: {exc}")
     timings["inference"] = time.perf_counter() - mark
+    timings.update(model.last_stage_seconds())
     if label_map.shape != series.volume.voxels.shape:
         raise RuntimeError(
             f"model {model.name} returned shape {label_map.shape} for a volume of "
@@ -492,6 +493,8 @@ def _classify(
             )
         results.append((source, probabilities))
     timings["inference"] = time.perf_counter() - mark
+    if len(sources) == 1:  # a per-image model's parts would be the last image's only
+        timings.update(model.last_stage_seconds())
 
     stages.enter("write")
     mark = time.perf_counter()
