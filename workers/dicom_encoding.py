@@ -138,6 +138,22 @@ def dataset_encodings(ds: Dataset) -> list[str]:
     return convert_encodings(ds.get("SpecificCharacterSet") or "ISO_IR 6")
 
 
+def keep_source_charset(obj: Dataset, source: Dataset) -> None:
+    """Give a result object its source's Specific Character Set, in which the patient
+    and study attributes copied from the source are then written, byte for byte as the
+    source had them (the text pacsnode adds itself is ASCII, valid in every one).
+
+    highdicom is given ``specific_character_set=None`` and this sets it afterwards:
+    highdicom 0.28 refuses valid values such as ``['', 'ISO 2022 IR 87']`` (Japanese,
+    the default repertoire first) and has no ISO 2022 IR 149 (Korean).
+    """
+    charset = source.get("SpecificCharacterSet")
+    if charset:
+        obj.SpecificCharacterSet = charset
+    elif "SpecificCharacterSet" in obj:
+        del obj.SpecificCharacterSet
+
+
 def mark_encoded(ds: Dataset) -> None:
     """Let pydicom write ``ds``'s raw Explicit VR Little Endian elements (sequences
     made by :func:`raw_sequence`) as they are: decode every other raw element (one

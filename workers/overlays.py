@@ -22,6 +22,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
+from workers.dicom_encoding import keep_source_charset
 from workers.label_passes import slice_areas
 from workers.seg import MANUFACTURER, SegmentInfo, pacsnode_version
 from workers.series import LoadedSeries
@@ -180,7 +181,9 @@ def build_overlay_images(
             series_description=series_description[:64],
             manufacturer_model_name=MANUFACTURER,
             software_versions=pacsnode_version(),
+            specific_character_set=None,  # set by keep_source_charset
         )
+        keep_source_charset(sc, source)
         sc.ImageType = ["DERIVED", "SECONDARY", "OVERLAY"]
         # Type 2C in General Series; dciodvfy wants it whenever the body part may be
         # paired: the source's value, else present and empty (unknown).

@@ -22,6 +22,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from workers.contract import ResultInstance
+from workers.dicom_encoding import keep_source_charset
 from workers.seg import MANUFACTURER, pacsnode_version
 
 __all__ = ["REJECTED_FOR_QUALITY_REASONS", "build_rejection_note"]
@@ -192,7 +193,9 @@ def build_rejection_note(
         manufacturer_model_name=MANUFACTURER,
         software_versions=pacsnode_version(),
         series_description=series_description[:64],
+        specific_character_set=None,  # set by keep_source_charset
     )
+    keep_source_charset(note, source)
     for keyword in _COPIED:
         if keyword in source:
             element = copy.deepcopy(source[keyword])

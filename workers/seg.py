@@ -24,7 +24,7 @@ from pydicom.sr.coding import Code as PydicomCode
 from pydicom.uid import ExplicitVRLittleEndian
 
 from models.base import Code, LabelSpec, SegmentationModel
-from workers.dicom_encoding import mark_encoded
+from workers.dicom_encoding import keep_source_charset, mark_encoded
 from workers.label_passes import label_counts
 from workers.outputs import DEFAULT_SEG, SegVariant
 from workers.seg_frames import build_segmentation
@@ -326,7 +326,10 @@ def build_seg(
         content_label=_content_label(model),
         series_description=(series_description or f"{MANUFACTURER} {model.name} SEG")[:64],
         omit_empty_frames=omit_empty_frames,
+        specific_character_set=None,  # set by keep_source_charset
     )
+    if with_highdicom:  # build_segmentation sets it on its template
+        keep_source_charset(seg, series.datasets[0])
     _derive_dimension_organization_uid(seg, uids, variant)
     if seg_type == "labelmap":
         _drop_background_segment(seg)

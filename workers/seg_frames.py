@@ -51,6 +51,7 @@ from workers.dicom_encoding import (
     encode_sequence,
     encode_ui,
     encode_ul,
+    keep_source_charset,
     raw_sequence,
 )
 
@@ -121,6 +122,7 @@ def build_segmentation(
     )
     seg = Dataset(dict(template.items()))  # no highdicom frame tables to go stale
     seg.file_meta = template.file_meta
+    keep_source_charset(seg, source_images[0])  # what highdicom does, for every charset
     templates = list(template.PerFrameFunctionalGroupsSequence)  # one per segment
 
     positions = [

@@ -28,6 +28,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code as PydicomCode
 
 from models.base import ClassificationModel, Model, SegmentationModel
+from workers.dicom_encoding import keep_source_charset
 from workers.label_passes import label_sums
 from workers.seg import (
     MANUFACTURER,
@@ -240,7 +241,9 @@ def _report(
         software_versions=pacsnode_version(),
         device_serial_number=device_serial_number,
         previous_versions=list(previous_versions) or None,
+        specific_character_set=None,  # set by keep_source_charset
     )
+    keep_source_charset(sr, evidence[0])
     logger.info(
         "built SR with %d measurement groups for model %s %s",
         len(groups),
