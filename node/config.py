@@ -75,6 +75,17 @@ class NodeSettings(_Frozen):
     data_dir: Path = Path("./data")
     max_pdu_bytes: int = Field(default=0, ge=0)
     """Largest PDU we accept; 0 means unlimited (fastest for large images)."""
+    max_associations: int = Field(default=32, ge=1)
+    """Associations served at once; one more is rejected (transient, local limit)."""
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    """Longest wait for an association request, release or abort."""
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    """Longest wait for the rest of a DIMSE message (a C-STORE's data)."""
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    """An association silent this long is aborted; a PDU that stops arriving for this
+    long closes its connection."""
+    fast_transport: bool = True
+    """pacsnode's faster acceptor (:mod:`node.transport`); false: pynetdicom's own."""
 
 
 #: The disk guard when ``storage:`` sets neither threshold: the larger of the two.
@@ -135,6 +146,9 @@ class Peer(_Frozen):
     complete_on_release: bool = False
     """The peer sends whole studies in one association (a PACS or router): when it
     releases the association normally, every series it carried is complete at once."""
+    max_associations: int | None = Field(default=None, ge=1)
+    """Associations this peer may hold at once (besides ``node.max_associations``);
+    one more is rejected (transient, local limit)."""
 
     @field_validator("host")
     @classmethod

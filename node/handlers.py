@@ -8,6 +8,7 @@ the association (:class:`CompletionOnRelease`).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import sqlite3
@@ -50,10 +51,15 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
-# A-ASSOCIATE-RJ: rejected permanent, by the service user, calling AE title not recognised.
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected permanent, by the service user, calling AE title
+# not recognised; rejected transient, by the service provider (presentation), local
+# limit exceeded (as pynetdicom answers one association more than its maximum).
 _REJECT_PERMANENT = 0x01
 _SOURCE_SERVICE_USER = 0x01
 _CALLING_AE_NOT_RECOGNISED = 0x03
+_REJECT_TRANSIENT = 0x02
+_SOURCE_PROVIDER_PRESENTATION = 0x03
+_LOCAL_LIMIT_EXCEEDED = 0x02
 
 _SERIES_INSTANCE_UID = Tag(0x0020, 0x000E)
 
@@ -157,25 +163,54 @@ def count_rejection(event: Event, counters: ReceiveCounters | None) -> None:
         counters.associations.labels(_calling_ae_title(event), "rejected").inc()
 
 
+def _open_associations(event: Event, peer: Peer) -> int:
+    """Associations of ``peer`` (AE title and address) this SCP serves now, the one
+    being requested included."""
+    address = ipaddress.ip_address(peer.host)
+    count = 0
+    for assoc in event.assoc.ae.active_associations:
+        if not assoc.is_acceptor or assoc.is_aborted or assoc.is_released:
+            continue
+        primitive = assoc.requestor.primitive
+        calling = primitive.calling_ae_title.strip() if primitive is not None else ""
+        with contextlib.suppress(ValueError):
+            if (
+                calling == peer.ae_title
+                and ipaddress.ip_address(assoc.requestor.address) == address
+            ):
+                count += 1
+    return count
+
+
 def handle_association_request(
     event: Event, config: Config, counters: ReceiveCounters | None = None
 ) -> None:
-    """Reject associations from peers that config.yaml does not list (AE title + host)."""
-    if config.accept_unknown_peers:
-        return
+    """Reject associations from peers that config.yaml does not list (AE title + host),
+    and one more than a peer's ``max_associations``."""
     calling_ae, host, peer = _calling_peer(event, config)
-    if peer is not None:
+    if peer is None and config.accept_unknown_peers:
+        return
+    if peer is None:
+        reason = "unknown peer"
+        rejection = (_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    elif peer.max_associations is not None and (
+        _open_associations(event, peer) > peer.max_associations
+    ):
+        reason = f"more than its max_associations ({peer.max_associations}) at once"
+        rejection = (_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
+    else:
         return
     if counters is not None:
         counters.associations.labels(calling_ae, "rejected").inc()
     assoc = event.assoc
     logger.warning(
-        "rejected association from unknown peer %s at %s",
+        "rejected association from %s at %s: %s",
         calling_ae,
         host,
+        reason,
         extra={"calling_ae_title": calling_ae, "peer_host": host},
     )
-    assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    assoc.acse.send_reject(*rejection)
     # As pynetdicom's own rejections do: wait until the A-ASSOCIATE-RJ is out and the
     # peer has closed, or the socket is shut before the peer reads the rejection.
     assoc.kill()

@@ -23,7 +23,7 @@ from node.handlers import (
 from node.metrics import ReceiveCounters
 from node.spool import Spool
 from node.state import StateDB
-from node.transport import use_fast_acceptor
+from node.transport import use_acceptor
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "start_scp"]
 
@@ -64,10 +64,10 @@ def start_scp(
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_pdu_size = config.node.max_pdu_bytes
     ae.require_called_aet = True
-    ae.network_timeout = 60
-    ae.acse_timeout = 30
-    ae.dimse_timeout = 60
-    ae.maximum_associations = 32
+    ae.network_timeout = config.node.network_timeout_seconds
+    ae.acse_timeout = config.node.acse_timeout_seconds
+    ae.dimse_timeout = config.node.dimse_timeout_seconds
+    ae.maximum_associations = config.node.max_associations
     ae.add_supported_context(_VERIFICATION)
     for context in AllStoragePresentationContexts:
         assert context.abstract_syntax is not None
@@ -87,7 +87,7 @@ def start_scp(
         (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers
     )
     assert server is not None  # always returned when block=False
-    use_fast_acceptor(server)
+    use_acceptor(server, fast=config.node.fast_transport)
     logger.info(
         "SCP %s listening on %s:%d",
         config.node.ae_title,

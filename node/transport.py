@@ -6,8 +6,9 @@ scanner's pace that is most of the time per instance (benchmarks/ingest.py). The
 here override exactly those steps, each saying what it replaces and why; the state
 machine, negotiation, timeouts and everything the event handlers see stay upstream's.
 Anything unusual (a handler bound to raw PDU or DIMSE events, an error comment, a
-C-STORE from a C-MOVE) takes upstream's path. :func:`use_fast_acceptor` switches them on
-only for the pynetdicom series they were written against.
+C-STORE from a C-MOVE) takes upstream's path. :func:`use_acceptor` switches them on
+(``node.fast_transport``, the default) only for the pynetdicom series they were written
+against; either way each connection gets the network timeout as its read timeout.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from pynetdicom.transport import (
     ThreadedAssociationServer,
 )
 
-__all__ = ["use_fast_acceptor"]
+__all__ = ["use_acceptor"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,9 @@ _PYNETDICOM_SERIES = "3.0."
 # between loops when idle; ours wait at most this long, for data or a message.
 _DUL_IDLE_SECONDS = 0.001
 _REACTOR_IDLE_SECONDS = 0.001
+# What a PDU's buffer starts at (the largest PDUs dcmtk and pynetdicom send by default
+# fit); it grows as more arrives.
+_FIRST_BUFFER_BYTES = 4 * 1024 * 1024
 # Our copy of the association loop logs where upstream's does.
 _PYNETDICOM_LOGGER = logging.getLogger("pynetdicom.association")
 
@@ -83,20 +87,25 @@ class _AssociationSocket(AssociationSocket):
     """pynetdicom's socket, reading a PDU with as few system calls as the kernel allows.
 
     Upstream ``recv`` reads 4 KiB at a time into a growing bytearray: 32 calls and
-    copies for each 128 KiB PDU that dcmtk sends.
+    copies for each 128 KiB PDU that dcmtk sends. Here one buffer takes the whole PDU,
+    allocated up to :data:`_FIRST_BUFFER_BYTES` and doubled only as the bytes arrive:
+    the length in a PDU's header is the peer's word, and a header claiming 4 GiB must
+    not make the node allocate 4 GiB.
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
         sock = cast(socket.socket, self.socket)
-        buffer = bytearray(nr_bytes)
+        buffer = bytearray(min(nr_bytes, _FIRST_BUFFER_BYTES))
         nr_read = 0
-        with memoryview(buffer) as view:
-            while nr_read < nr_bytes:
+        while nr_read < nr_bytes:
+            if nr_read == len(buffer):
+                buffer.extend(bytes(min(len(buffer), nr_bytes - len(buffer))))
+            with memoryview(buffer) as view:
                 count = sock.recv_into(view[nr_read:])
-                if not count:  # connection closed: return what we have, as upstream does
-                    break
-                nr_read += count
-        if nr_read < nr_bytes:
+            if not count:  # connection closed: return what we have, as upstream does
+                break
+            nr_read += count
+        if nr_read < len(buffer):
             del buffer[nr_read:]
         return buffer
 
@@ -353,6 +362,9 @@ class _Association(Association):
         # Replace upstream's providers, which nothing has used yet.
         self.dul = _WakeableDUL(self)
         self.dimse = _DIMSEServiceProvider(self)
+        # The setter gives the new DUL's idle timer the network timeout (upstream set
+        # it on the DUL just replaced; the new one would wait its default 60 s).
+        self.network_timeout = ae.network_timeout
 
     def _wait_for_msg(self, timeout: float) -> None:
         """Return once a DIMSE message is queued, or after `timeout`; take nothing."""
@@ -413,7 +425,21 @@ class _Association(Association):
                 return
 
 
-class _RequestHandler(RequestHandler):
+class _TimedRequestHandler(RequestHandler):
+    """Upstream's handler, with a read timeout on the connection's socket.
+
+    pynetdicom reads a PDU once its first bytes arrived, blocking until the rest has: a
+    peer that sends a header and then nothing held the association's thread forever.
+    With the network timeout on the socket, that read fails after it, and the
+    association closes (upstream's path for a connection lost mid-PDU).
+    """
+
+    def handle(self) -> None:
+        cast(socket.socket, self.request).settimeout(self.ae.network_timeout)
+        super().handle()
+
+
+class _RequestHandler(_TimedRequestHandler):
     """Upstream's ``_create_association``, with our association and socket classes."""
 
     def _create_association(self) -> Association:
@@ -449,12 +475,17 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
-def use_fast_acceptor(server: ThreadedAssociationServer) -> bool:
-    """Serve new associations of ``server`` with the classes above; True if switched on.
+def use_acceptor(server: ThreadedAssociationServer, *, fast: bool) -> bool:
+    """Serve new associations of ``server`` with the classes above (``fast``), or with
+    pynetdicom's own with only the read timeout added; True if the fast ones serve.
 
-    For any pynetdicom other than the series they were written against, the server is
-    left as it is (and a warning says so).
+    For any pynetdicom other than the series they were written against, the fast
+    classes are not used (and a warning says so).
     """
+    # socketserver builds one handler per connection from this class.
+    server.RequestHandlerClass = _TimedRequestHandler
+    if not fast:
+        return False
     if not pynetdicom.__version__.startswith(_PYNETDICOM_SERIES):
         logger.warning(
             "pynetdicom %s: the SCP runs without the ingest speed-ups written for %sx",
@@ -462,6 +493,5 @@ def use_fast_acceptor(server: ThreadedAssociationServer) -> bool:
             _PYNETDICOM_SERIES,
         )
         return False
-    # socketserver builds one handler per connection from this class.
     server.RequestHandlerClass = _RequestHandler
     return True
