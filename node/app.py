@@ -209,10 +209,10 @@ class Node:
         requeued = self.dispatcher.requeue_unfinished("requeued after the node restarted")
         if requeued:
             logger.warning("requeued %d unfinished jobs", requeued)
-        server = start_scp(self.config, self.spool, self.db, self.disk_guard, self.counters)
+        servers = start_scp(self.config, self.spool, self.db, self.disk_guard, self.counters)
         sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender_thread.start()
-        console = self._start_console(server)
+        console = self._start_console(servers)
         cleanup = threading.Thread(target=self._cleanup_loop, name="retention", daemon=True)
         cleanup.start()
         try:
@@ -223,7 +223,8 @@ class Node:
                 console.stop()
             self.probe.stop()
             logger.info("stopping: SCP")
-            server.shutdown()
+            for server in servers:
+                server.shutdown()
             self.wake_sender.set()
             sender_thread.join(timeout=self.config.delivery.network_timeout_seconds + 5)
             if self.worker is not None:
@@ -233,7 +234,7 @@ class Node:
             self.db.close()
             logger.info("stopped")
 
-    def _start_console(self, scp: ThreadedAssociationServer) -> ConsoleServer | None:
+    def _start_console(self, scp: list[ThreadedAssociationServer]) -> ConsoleServer | None:
         """The web console, API, health checks and metrics (``http:``); a port in use is
         logged and the node goes on receiving without them."""
         settings = self.config.http
@@ -251,7 +252,7 @@ class Node:
             probe=self.probe,
             registry=self.registry,
             token=read_or_create_token(settings.token_file),
-            scp_listening=lambda: scp.socket is not None and scp.socket.fileno() >= 0,
+            scp_listening=lambda: all(s.socket is not None and s.socket.fileno() >= 0 for s in scp),
             wake_sender=self.wake_sender.set,
             revoke=lambda task_id: celery_app.control.revoke(task_id),
         )

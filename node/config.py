@@ -11,7 +11,7 @@ import ipaddress
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
@@ -66,6 +66,37 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_TlsT = TypeVar("_TlsT", "ClientTls", "NodeTls")
+
+
+class ClientTls(_Frozen):
+    """TLS to a destination (:func:`node.tls.client_context`)."""
+
+    ca_certificates: Path
+    """Trust anchors for the destination's certificate (PEM)."""
+    certificate: Path | None = None
+    """Our certificate (PEM), for a destination that wants one (mutual TLS)."""
+    private_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _certificate_with_key(self) -> ClientTls:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("certificate and private_key go together: give both or neither")
+        return self
+
+
+class NodeTls(_Frozen):
+    """DICOM over TLS on the SCP's port (:func:`node.tls.server_context`)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path
+    """Trust anchors for the peers' certificates (PEM)."""
+    require_client_certificate: bool = True
+    plain_port: Port | None = None
+    """A second port without TLS, for peers that cannot speak it."""
+
+
 class NodeSettings(_Frozen):
     """This node on the network, and where it keeps its data."""
 
@@ -86,6 +117,8 @@ class NodeSettings(_Frozen):
     long closes its connection."""
     fast_transport: bool = True
     """pacsnode's faster acceptor (:mod:`node.transport`); false: pynetdicom's own."""
+    tls: NodeTls | None = None
+    """DICOM over TLS on ``port``; absent: plain DICOM."""
 
 
 #: The disk guard when ``storage:`` sets neither threshold: the larger of the two.
@@ -175,6 +208,8 @@ class Destination(OutputProfile):
     """When a new version of a job's results replaces one this destination received:
     ``none`` sends only the new version; ``rejection_note`` also sends an IHE IOCM
     rejection note (KOS, "Rejected for Quality Reasons") listing the old objects."""
+    tls: ClientTls | None = None
+    """DICOM over TLS to this destination; absent: plain DICOM."""
 
     @property
     def profile(self) -> OutputProfile:
@@ -526,7 +561,43 @@ def load_config(path: Path) -> Config:
     from models.registry import use_models_dir
 
     use_models_dir(config.models_dir)  # this process's models: built in and models_dir
-    problems = model_problems(config)
+    config = _resolve_tls_paths(config, path.parent)
+    problems = model_problems(config) + _tls_problems(config)
     if problems:
         raise ConfigError(path, problems)
     return config
+
+
+def _resolve_tls_paths(config: Config, base: Path) -> Config:
+    """TLS files relative to the config file, as the other paths."""
+
+    def resolved(tls: _TlsT) -> _TlsT:
+        update = {
+            key: (base / value).resolve()
+            for key in ("certificate", "private_key", "ca_certificates")
+            if (value := getattr(tls, key)) is not None
+        }
+        return tls.model_copy(update=update)
+
+    node = config.node
+    if node.tls is not None:
+        node = node.model_copy(update={"tls": resolved(node.tls)})
+    destinations = {
+        name: d.model_copy(update={"tls": resolved(d.tls)}) if d.tls is not None else d
+        for name, d in config.destinations.items()
+    }
+    return config.model_copy(update={"node": node, "destinations": destinations})
+
+
+def _tls_problems(config: Config) -> list[str]:
+    from node.tls import tls_problems
+
+    problems = []
+    if config.node.tls is not None:
+        problems += tls_problems("node.tls", config.node.tls)
+        if config.node.tls.plain_port == config.node.port:
+            problems.append("node.tls.plain_port: the same port as node.port")
+    for name, destination in config.destinations.items():
+        if destination.tls is not None:
+            problems += tls_problems(f"destinations.{name}.tls", destination.tls)
+    return problems

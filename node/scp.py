@@ -23,6 +23,7 @@ from node.handlers import (
 from node.metrics import ReceiveCounters
 from node.spool import Spool
 from node.state import StateDB
+from node.tls import server_context
 from node.transport import use_acceptor
 
 __all__ = ["ACCEPTED_TRANSFER_SYNTAXES", "start_scp"]
@@ -58,9 +59,10 @@ def start_scp(
     db: StateDB,
     disk_guard: DiskGuard,
     counters: ReceiveCounters | None = None,
-) -> ThreadedAssociationServer:
-    """Start listening on the configured port (non-blocking); returns the server.
-    ``counters`` count associations and instances for ``/metrics``."""
+) -> list[ThreadedAssociationServer]:
+    """Start listening on the configured port, with TLS if ``node.tls`` says so, and on
+    its ``plain_port`` without (non-blocking); returns the servers. ``counters`` count
+    associations and instances for ``/metrics``."""
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_pdu_size = config.node.max_pdu_bytes
     ae.require_called_aet = True
@@ -83,15 +85,26 @@ def start_scp(
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [spool, db, config, completion, disk_guard, counters]),
     ]
-    server = ae.start_server(
-        (config.node.bind_address, config.node.port), block=False, evt_handlers=handlers
-    )
-    assert server is not None  # always returned when block=False
-    use_acceptor(server, fast=config.node.fast_transport)
-    logger.info(
-        "SCP %s listening on %s:%d",
-        config.node.ae_title,
-        config.node.bind_address,
-        config.node.port,
-    )
-    return server
+    tls = config.node.tls
+    ports = [(config.node.port, server_context(tls) if tls is not None else None)]
+    if tls is not None and tls.plain_port is not None:
+        ports.append((tls.plain_port, None))
+    servers = []
+    for port, ssl_context in ports:
+        server = ae.start_server(
+            (config.node.bind_address, port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=ssl_context,
+        )
+        assert server is not None  # always returned when block=False
+        use_acceptor(server, fast=config.node.fast_transport)
+        logger.info(
+            "SCP %s listening on %s:%d%s",
+            config.node.ae_title,
+            config.node.bind_address,
+            port,
+            " (DICOM over TLS)" if ssl_context is not None else "",
+        )
+        servers.append(server)
+    return servers

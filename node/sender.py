@@ -21,6 +21,7 @@ from pynetdicom.association import Association
 
 from node.config import Config, Destination
 from node.state import Delivery, StateDB
+from node.tls import client_context
 
 __all__ = ["Sender", "echo"]
 
@@ -52,7 +53,12 @@ def _associate(
             dict.fromkeys([transfer_syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         )
         ae.add_requested_context(sop_class, syntaxes)
-    return ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls = None
+    if destination.tls is not None:
+        tls = (client_context(destination.tls), destination.host)
+    return ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls
+    )
 
 
 def _association_failure(assoc: Association, destination: Destination) -> _Outcome:

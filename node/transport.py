@@ -18,6 +18,7 @@ import functools
 import logging
 import select
 import socket
+import ssl
 import struct
 import threading
 from datetime import datetime
@@ -435,8 +436,35 @@ class _TimedRequestHandler(RequestHandler):
     """
 
     def handle(self) -> None:
-        cast(socket.socket, self.request).settimeout(self.ae.network_timeout)
+        connection = cast(socket.socket, self.request)
+        connection.settimeout(self.ae.network_timeout)
+        if isinstance(connection, ssl.SSLSocket):
+            # Here, on the association's own thread (see _accept_without_handshake).
+            try:
+                connection.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                logger.warning(
+                    "refused a TLS connection from %s: %s",
+                    self.client_address[0],
+                    getattr(exc, "reason", None) or exc,
+                    extra={"peer_host": self.client_address[0]},
+                )
+                return
         super().handle()
+
+
+def _accept_without_handshake(
+    server: ThreadedAssociationServer,
+) -> tuple[socket.socket, tuple[str, int]]:
+    """``ThreadedAssociationServer.get_request``, leaving the TLS handshake to the
+    association's thread: upstream shakes hands in the one thread that accepts every
+    connection, so one client that connects and says nothing stopped the SCP."""
+    connection, address = cast(socket.socket, server.socket).accept()
+    if server.ssl_context:
+        connection = server.ssl_context.wrap_socket(
+            connection, server_side=True, do_handshake_on_connect=False
+        )
+    return connection, address
 
 
 class _RequestHandler(_TimedRequestHandler):
@@ -477,13 +505,15 @@ class _RequestHandler(_TimedRequestHandler):
 
 def use_acceptor(server: ThreadedAssociationServer, *, fast: bool) -> bool:
     """Serve new associations of ``server`` with the classes above (``fast``), or with
-    pynetdicom's own with only the read timeout added; True if the fast ones serve.
+    pynetdicom's own with only the read timeout and the deferred TLS handshake added;
+    True if the fast ones serve.
 
     For any pynetdicom other than the series they were written against, the fast
     classes are not used (and a warning says so).
     """
     # socketserver builds one handler per connection from this class.
     server.RequestHandlerClass = _TimedRequestHandler
+    server.get_request = functools.partial(_accept_without_handshake, server)  # type: ignore[method-assign]
     if not fast:
         return False
     if not pynetdicom.__version__.startswith(_PYNETDICOM_SERIES):

@@ -1,0 +1,114 @@
+"""DICOM over TLS with dcmtk as the scanner and the PACS: certificates made by the test
+(tests/certificates.py), a study in by ``storescu +tls`` and the SEG and SR out to a
+``storescp +tls``, both ways with client certificates (mutual TLS); clients without a
+certificate, with an untrusted one, or speaking plain DICOM to the TLS port are refused
+and logged, while a plain port, when configured, still serves plain DICOM."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from node.state import JobStateValues
+from tests.certificates import Issued, make_ca
+from tests.integration.conftest import ct_node_config
+from tests.node_process import NODE_AE_TITLE, NodeProcess
+from tests.peers import StoreSCP, dcmtk_env, free_port, run_storescu
+
+FINISHED = {JobStateValues.DELIVERED, JobStateValues.FAILED}
+
+
+def _tls_args(party: Issued | None, ca: Issued) -> list[str]:
+    """dcmtk's options for TLS with ``party``'s certificate (None: anonymous TLS)."""
+    identity = ["+tls", str(party.private_key), str(party.certificate)] if party else ["+tla"]
+    return [*identity, "+cf", str(ca.certificate)]
+
+
+def _echo(port: int, extra: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["/usr/bin/echoscu", "-aet", "SCANNER", "-aec", NODE_AE_TITLE, *extra, "127.0.0.1", str(port)],
+        env=dcmtk_env(), capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_a_study_goes_in_and_results_go_out_over_mutual_tls(
+    tmp_path: Path, phantom_dir: Path
+) -> None:
+    certs = tmp_path / "certs"
+    ca = make_ca("hospital-ca", certs)
+    node_cert = ca.issue("pacsnode", certs)
+    scanner = ca.issue("scanner", certs)
+    pacs = ca.issue("pacs", certs)
+    stranger = make_ca("stranger-ca", certs).issue("stranger", certs)
+
+    pacs_args = ["+tls", str(pacs.private_key), str(pacs.certificate), "+cf", str(ca.certificate)]
+    with StoreSCP(ae_title="DESTPACS", extra_args=pacs_args) as destination:
+        config = ct_node_config(tmp_path / "data", destination)
+        plain_port = free_port()
+        config["node"]["tls"] = {
+            "certificate": str(node_cert.certificate),
+            "private_key": str(node_cert.private_key),
+            "ca_certificates": str(ca.certificate),
+            "plain_port": plain_port,
+        }
+        config["destinations"]["pacs"]["tls"] = {
+            "ca_certificates": str(ca.certificate),
+            "certificate": str(node_cert.certificate),
+            "private_key": str(node_cert.private_key),
+        }
+        with NodeProcess(tmp_path / "node", config) as node:
+            sent = run_storescu(
+                "127.0.0.1", node.port, NODE_AE_TITLE, "SCANNER", phantom_dir,
+                extra_args=_tls_args(scanner, ca),
+            )  # fmt: skip
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            (job,) = node.wait_for_jobs(1, FINISHED)
+            assert job.state == JobStateValues.DELIVERED, job.reason
+            received = destination.wait_for_files(2)
+            assert sorted(p.name.split(".")[0] for p in received) == ["SG", "SR3"]
+
+            # Refused: no certificate, an untrusted one, plain DICOM on the TLS port.
+            refused = {
+                "anonymous": _echo(node.port, _tls_args(None, ca)),
+                "untrusted": _echo(node.port, _tls_args(stranger, ca)),
+                "plain": _echo(node.port, []),
+            }
+            for name, echo in refused.items():
+                assert echo.returncode != 0, (name, echo.stdout + echo.stderr)
+            log = node.log()
+            assert log.count("refused a TLS connection from 127.0.0.1") >= 3, log[-3000:]
+            # Trusted clients, and plain DICOM on the plain port, are served.
+            assert _echo(node.port, _tls_args(scanner, ca)).returncode == 0
+            assert _echo(plain_port, []).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [
+        ("expired", r"node\.tls\.certificate: .*pacsnode\.pem: expired on "),
+        ("mismatched", r"node\.tls\.private_key: .*other\.key does not go with .*pacsnode\.pem"),
+        ("missing", r"node\.tls\.ca_certificates: .*missing\.pem: not a readable PEM certificate"),
+    ],
+)
+def test_check_config_names_bad_tls_files(tmp_path: Path, problem: str, expected: str) -> None:
+    certs = tmp_path / "certs"
+    ca = make_ca("hospital-ca", certs)
+    node_cert = ca.issue("pacsnode", certs, days=-1 if problem == "expired" else 30, start_days=-10)
+    other = ca.issue("other", certs)
+    tls = {
+        "certificate": str(node_cert.certificate),
+        "private_key": str(other.private_key if problem == "mismatched" else node_cert.private_key),
+        "ca_certificates": str(certs / "missing.pem" if problem == "missing" else ca.certificate),
+    }
+    config = tmp_path / "config.yaml"
+    config.write_text(f"node: {{tls: {tls}}}\n")
+    check = subprocess.run(
+        [str(Path(sys.executable).parent / "pacsnode"), "check-config", str(config)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert re.search(expected, check.stdout + check.stderr), check.stdout + check.stderr
