@@ -7,6 +7,7 @@ and logged, while a plain port, when configured, still serves plain DICOM."""
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,10 @@ def test_a_study_goes_in_and_results_go_out_over_mutual_tls(
                 assert echo.returncode != 0, (name, echo.stdout + echo.stderr)
             log = node.log()
             assert log.count("refused a TLS connection from 127.0.0.1") >= 3, log[-3000:]
-            # Trusted clients, and plain DICOM on the plain port, are served.
-            assert _echo(node.port, _tls_args(scanner, ca)).returncode == 0
+            # Trusted clients, and plain DICOM on the plain port, are served, even while
+            # a client that connected to the TLS port says nothing.
+            with socket.create_connection(("127.0.0.1", node.port)):
+                assert _echo(node.port, _tls_args(scanner, ca)).returncode == 0
             assert _echo(plain_port, []).returncode == 0
 
 
