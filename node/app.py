@@ -25,11 +25,13 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom.transport import ThreadedAssociationServer
 
 from models.registry import checkpoint, model_fingerprints, reload_models, rollback
+from node.audit import AuditLog
 from node.completeness import geometry_of, mark_quiet_series_complete
 from node.config import Config, ConfigError, folder_problems, load_config
 from node.console import Console, ConsoleServer, read_or_create_token
 from node.disk_guard import DiskGuard
 from node.dispatch import Dispatcher
+from node.handlers import ScpReports
 from node.health import BrokerProbe
 from node.metrics import NodeCollector, ReceiveCounters
 from node.retention import run_cleanup
@@ -127,11 +129,13 @@ class Node:
         self.worker = WorkerProcess(self.config_path) if config.embedded_broker else None
         configure_celery(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
         self.dispatcher = Dispatcher(config, self.db, celery_app)
-        self.sender = Sender(config, self.db)
+        self.audit = AuditLog(data_dir / "audit", config.audit)
+        self.sender = Sender(config, self.db, self.audit)
         #: Set when deliveries may have come due (results recorded), or to stop.
         self.wake_sender = threading.Event()
         self.registry = CollectorRegistry()
         self.counters = ReceiveCounters(self.registry)
+        self.scp_reports = ScpReports(config.node.ae_title, self.counters, self.audit)
         self.probe = BrokerProbe(celery_app, broker_url(config))
 
     def _on_reload(self, signum: int, frame: FrameType | None) -> None:
@@ -198,6 +202,9 @@ class Node:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGHUP, self._on_reload)
         logger.info("effective configuration: %s", self.config.redacted())
+        self.audit.application(
+            started=True, ae_title=self.config.node.ae_title, config_path=self.config_path
+        )
         for problem in folder_problems(self.config):
             logger.warning("%s (the other models run)", problem)
         self.fingerprints = model_fingerprints()
@@ -209,7 +216,7 @@ class Node:
         requeued = self.dispatcher.requeue_unfinished("requeued after the node restarted")
         if requeued:
             logger.warning("requeued %d unfinished jobs", requeued)
-        servers = start_scp(self.config, self.spool, self.db, self.disk_guard, self.counters)
+        servers = start_scp(self.config, self.spool, self.db, self.disk_guard, self.scp_reports)
         sender_thread = threading.Thread(target=self._send_loop, name="sender", daemon=True)
         sender_thread.start()
         console = self._start_console(servers)
@@ -232,6 +239,10 @@ class Node:
             if self.redis is not None:
                 self.redis.stop()
             self.db.close()
+            self.audit.application(
+                started=False, ae_title=self.config.node.ae_title, config_path=self.config_path
+            )
+            self.audit.close()
             logger.info("stopped")
 
     def _start_console(self, scp: list[ThreadedAssociationServer]) -> ConsoleServer | None:
@@ -255,6 +266,7 @@ class Node:
             scp_listening=lambda: all(s.socket is not None and s.socket.fileno() >= 0 for s in scp),
             wake_sender=self.wake_sender.set,
             revoke=lambda task_id: celery_app.control.revoke(task_id),
+            audit=self.audit,
         )
         try:
             server = ConsoleServer(console.app(), settings.bind_address, settings.port)
@@ -277,7 +289,9 @@ class Node:
                 self.reload_requested.clear()
                 self._reload()
             mark_quiet_series_complete(self.db, self.config.completion.quiet_seconds)
-            route_complete_studies(self.db, self.config.rules, rerun_late=self.rerun_late)
+            route_complete_studies(
+                self.db, self.config.rules, rerun_late=self.rerun_late, on_routed=self._received
+            )
             if self.worker is not None and self.worker.check():
                 self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
             self.dispatcher.dispatch_pending()
@@ -287,6 +301,16 @@ class Node:
             # A broker outage or a DB hiccup must not stop the SCP; the next tick retries.
             logger.exception("pipeline tick failed; retrying")
             time.sleep(_TICK_SECONDS)
+
+    def _received(self, study_instance_uid: str) -> None:
+        """A study was received whole and routed: the audit trail records it."""
+        series = self.db.series_of_study(study_instance_uid)
+        self.audit.study_received(
+            study_instance_uid,
+            ae_title=self.config.node.ae_title,
+            senders=sorted({s.calling_ae_title for s in series}),
+            instances=sum(self.db.instance_count(s.series_instance_uid) for s in series),
+        )
 
     def _next_tick_in(self) -> float:
         """Seconds until the main loop has work: soon while jobs are in flight, else when
@@ -308,7 +332,10 @@ class Node:
         wait = _FIRST_CLEANUP_SECONDS
         while not self.stopping.wait(wait):
             try:
-                run_cleanup(self.db, self.spool, self.config.node.data_dir, self.config.retention)
+                run_cleanup(
+                    self.db, self.spool, self.config.node.data_dir, self.config.retention,
+                    audit=self.audit,
+                )  # fmt: skip
             except Exception:
                 logger.exception("retention pass failed; trying again at the next one")
             wait = self.config.retention.interval_minutes * 60

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import getpass
 import logging
 import os
 import shutil
@@ -21,6 +22,7 @@ from node.config import Config, ConfigError, load_config
 from node.state import JobStateValues
 
 if TYPE_CHECKING:
+    from node.audit import AuditLog
     from node.state import StateDB
 
 __all__ = ["main"]
@@ -370,8 +372,27 @@ def _cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         db.close()
-    _out(f"job {job.id} ({job.model}) will run again")
+    done = f"job {job.id} ({job.model}) will run again"
+    audit = _audit_log(config)
+    audit.action(f"retry: {done}", job.study_instance_uid, user=_cli_user())
+    audit.close()
+    _out(done)
     return EXIT_OK
+
+
+def _cli_user() -> str:
+    """Who ran the command, for the audit trail (``cli:<login name>``)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return f"cli:uid {os.getuid()}"
+
+
+def _audit_log(config: Config) -> AuditLog:
+    """The node's audit trail, appended to (the running node rotates it)."""
+    from node.audit import AuditLog
+
+    return AuditLog(config.node.data_dir / "audit", config.audit, rotate=False)
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
@@ -422,6 +443,7 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
         sys.stderr.write(f"cannot open the state DB {path}: {exc}\n")
         return EXIT_FAILED
     now = time.time() if args.as_of is None else args.as_of
+    audit = None if args.dry_run else _audit_log(config)
     try:
         removals = run_cleanup(
             db,
@@ -430,13 +452,51 @@ def _cmd_cleanup(args: argparse.Namespace) -> int:
             config.retention,
             now=now,
             dry_run=args.dry_run,
+            audit=audit,
         )
     finally:
         db.close()
+        if audit is not None:
+            audit.close()
     verb = "would remove" if args.dry_run else "removed"
     for removal in removals:
         _out(f"{verb} {removal.describe(now)}")
     _out(f"{len(removals)} removals" + (" (dry run: nothing was removed)" if args.dry_run else ""))
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return EXIT_BAD_CONFIG
+    from node.audit import read_trail
+
+    found = 0
+    for entry in read_trail(config.node.data_dir / "audit", args.study):
+        found += 1
+        event = entry["EventID"]["originalText"]
+        outcome = {0: "ok", 4: "minor failure", 8: "serious failure", 12: "major failure"}.get(
+            entry["EventOutcomeIndicator"], str(entry["EventOutcomeIndicator"])
+        )
+        who = ", ".join(
+            p["UserID"] + (f"@{p['NetworkAccessPointID']}" if "NetworkAccessPointID" in p else "")
+            + (f" ({p['RoleIDCode']})" if "RoleIDCode" in p else "")
+            for p in entry.get("ActiveParticipant", [])
+        )  # fmt: skip
+        details = [
+            f"{key}={value}"
+            for o in entry.get("ParticipantObjectIdentification", [])
+            if o.get("ParticipantObjectID") == args.study
+            for key, value in o.get("ParticipantObjectDetail", {}).items()
+        ]
+        note = entry.get("EventOutcomeDescription")
+        _out(
+            f"{entry['EventDateTime']}  {event} [{entry['EventActionCode']}] {outcome}  {who}"
+            + (f"  {' '.join(details)}" if details else "")
+            + (f"  {note}" if note else "")
+        )
+    if not found:
+        _out(f"(nothing in the audit trail for study {args.study})")
     return EXIT_OK
 
 
@@ -567,6 +627,9 @@ def _parser() -> argparse.ArgumentParser:
         help="count ages as of this date or time (2026-12-31, 2026-12-31T08:00) instead of now",
     )
     cleanup.set_defaults(handler=_cmd_cleanup)
+    audit = with_config("audit", "print a study's audit trail")
+    audit.add_argument("--study", required=True, help="Study Instance UID")
+    audit.set_defaults(handler=_cmd_audit)
     with_config(
         "models", "list the models (built in and in models_dir) and their problems"
     ).set_defaults(handler=_cmd_models)

@@ -159,6 +159,24 @@ class RetentionSettings(_Frozen):
     """How often ``pacsnode run`` makes a cleanup pass (the first a minute after start)."""
 
 
+class AuditSettings(_Frozen):
+    """The audit trail (:mod:`node.audit`): ``<data_dir>/audit/audit.jsonl``."""
+
+    syslog: str | None = None
+    """Also send each record to syslog (RFC 5424): ``udp://host:514`` or ``tcp://host:514``."""
+    max_bytes: int = Field(default=100 * 1024**2, ge=4096)
+    """The file is rotated (``audit.jsonl.1``, ...) when it would grow beyond this."""
+    keep_files: int = Field(default=10, ge=1)
+    """Rotated files kept; the oldest goes."""
+
+    @field_validator("syslog")
+    @classmethod
+    def _syslog_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(udp|tcp)://[^:/]+(:\d+)?$", value):
+            raise ValueError(f"syslog must be udp://host:port or tcp://host:port. Found {value!r}.")
+        return value
+
+
 class HttpSettings(_Frozen):
     """The web console, JSON API, health checks and metrics (:mod:`node.console`)."""
 
@@ -372,6 +390,7 @@ class Config(_Frozen):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
     peers: list[Peer] = Field(default_factory=list)
     accept_unknown_peers: bool = False
     destinations: dict[str, Destination] = Field(default_factory=dict)

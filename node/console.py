@@ -49,6 +49,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from node import overview
+from node.audit import MINOR_FAILURE, SECURITY_ALERT, AuditLog, Participant
 from node.config import Config
 from node.disk_guard import DiskGuard
 from node.health import BrokerProbe, readiness
@@ -96,6 +97,7 @@ class Console:
     scp_listening: Callable[[], bool]
     wake_sender: Callable[[], None]
     revoke: Callable[[str], object]
+    audit: AuditLog | None = None
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -123,22 +125,33 @@ class Console:
         if not hmac.compare_digest(given.encode(), self.token.encode()):
             client = request.client.host if request.client else "?"
             logger.warning("console: refused %s from %s: wrong token", request.url.path, client)
+            if self.audit is not None:
+                self.audit.record(
+                    SECURITY_ALERT, outcome=MINOR_FAILURE,
+                    description=f"console action {request.url.path} refused: wrong token",
+                    participants=[Participant("console", client, requestor=True)],
+                )  # fmt: skip
             return _refusal("wrong token", 403, fields.get("next")), fields
         return None, fields
 
-    async def _act(self, request: Request, what: str, action: Callable[[], str]) -> Response:
-        """Run an authorised action; a form gets redirected back, a client JSON."""
+    async def _act(
+        self, request: Request, what: str, action: Callable[[], tuple[str, str]]
+    ) -> Response:
+        """Run an authorised action (it returns what it did and the study's UID); a form
+        gets redirected back, a client JSON. Done actions go to the audit trail."""
         refused, fields = await self._authorised(request)
         if refused is not None:
             return refused
         client = request.client.host if request.client else "?"
         try:
-            done = await run_in_threadpool(action)
+            done, study_uid = await run_in_threadpool(action)
         except KeyError as exc:
             return JSONResponse({"error": exc.args[0]}, status_code=404)
         except ValueError as exc:
             return JSONResponse({"error": exc.args[0]}, status_code=409)
         logger.warning("console: %s by %s: %s", what, client, done)
+        if self.audit is not None:
+            self.audit.action(f"{what}: {done}", study_uid, user="console", address=client)
         if "next" in fields and fields["next"].startswith("/"):
             return RedirectResponse(
                 fields["next"] + "?" + urlencode({"done": done}), status_code=303
@@ -266,9 +279,9 @@ class Console:
     async def retry(self, request: Request) -> Response:
         job_id = int(request.path_params["job_id"])
 
-        def action() -> str:
+        def action() -> tuple[str, str]:
             job = self.db.retry_job(job_id)
-            return f"job {job.id} ({job.model}) will run again"
+            return f"job {job.id} ({job.model}) will run again", job.study_instance_uid
 
         return await self._act(request, "retry", action)
 
@@ -276,12 +289,12 @@ class Console:
         job_id = int(request.path_params["job_id"])
         note = self._note(request, "cancelled")
 
-        def action() -> str:
+        def action() -> tuple[str, str]:
             before = self.db.job(job_id)
             job = self.db.cancel_job(job_id, note)
             if before is not None and before.task_id:
                 self.revoke(before.task_id)
-            return f"job {job.id} ({job.model}) cancelled"
+            return f"job {job.id} ({job.model}) cancelled", job.study_instance_uid
 
         return await self._act(request, "cancel", action)
 
@@ -289,10 +302,12 @@ class Console:
         delivery_id = int(request.path_params["delivery_id"])
         note = self._note(request, "re-send requested")
 
-        def action() -> str:
+        def action() -> tuple[str, str]:
             delivery = self.db.resend_delivery(delivery_id, note)
             self.wake_sender()
-            return f"delivery {delivery.id} ({delivery.path.name} to {delivery.destination}) sent again"
+            job = self.db.job(delivery.job_id)
+            done = f"delivery {delivery.id} ({delivery.path.name} to {delivery.destination}) sent again"
+            return done, job.study_instance_uid if job is not None else ""
 
         return await self._act(request, "re-send", action)
 

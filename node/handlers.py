@@ -15,6 +15,7 @@ import sqlite3
 import struct
 import threading
 import zlib
+from dataclasses import dataclass
 from io import BytesIO
 from typing import Any, NamedTuple, cast
 
@@ -26,6 +27,15 @@ from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.events import Event
 
+from node.audit import (
+    LOGIN,
+    MINOR_FAILURE,
+    NODE_AUTHENTICATION,
+    SECURITY_ALERT,
+    USER_AUTHENTICATION,
+    AuditLog,
+    Participant,
+)
 from node.completeness import encode_geometry, geometry_of
 from node.config import Config, Peer
 from node.disk_guard import DiskGuard
@@ -39,6 +49,7 @@ __all__ = [
     "OUT_OF_RESOURCES",
     "SUCCESS",
     "CompletionOnRelease",
+    "ScpReports",
     "handle_association_request",
     "handle_echo",
     "handle_store",
@@ -92,6 +103,56 @@ def _calling_peer(event: Event, config: Config) -> tuple[str, str, Peer | None]:
     return calling_ae, host, None
 
 
+@dataclass
+class ScpReports:
+    """Where the SCP reports what happened: the counters of ``/metrics`` and the audit
+    trail (either may be absent)."""
+
+    ae_title: str
+    counters: ReceiveCounters | None = None
+    audit: AuditLog | None = None
+
+    def _participants(self, calling_ae: str, host: str) -> list[dict[str, object]]:
+        return [
+            Participant(calling_ae, host, requestor=True),
+            Participant(self.ae_title, requestor=False),
+        ]
+
+    def accepted(self, calling_ae: str, host: str) -> None:
+        if self.counters is not None:
+            self.counters.associations.labels(calling_ae, "accepted").inc()
+        if self.audit is not None:
+            self.audit.record(
+                USER_AUTHENTICATION, event_type=LOGIN,
+                participants=self._participants(calling_ae, host),
+            )  # fmt: skip
+
+    def rejected(self, calling_ae: str, host: str, reason: str) -> None:
+        if self.counters is not None:
+            self.counters.associations.labels(calling_ae, "rejected").inc()
+        if self.audit is not None:
+            self.audit.record(
+                USER_AUTHENTICATION, event_type=LOGIN, outcome=MINOR_FAILURE,
+                description=f"association rejected: {reason}",
+                participants=self._participants(calling_ae, host),
+            )  # fmt: skip
+
+    def tls_refused(self, host: str, reason: str) -> None:
+        """A TLS handshake failed (no certificate, an untrusted one, plain DICOM)."""
+        if self.audit is not None:
+            self.audit.record(
+                SECURITY_ALERT, event_type=NODE_AUTHENTICATION, outcome=MINOR_FAILURE,
+                description=f"TLS connection refused: {reason}",
+                participants=[Participant("(unknown)", host, requestor=True),
+                              Participant(self.ae_title, requestor=False)],
+            )  # fmt: skip
+
+    def stored(self, calling_ae: str, size: int) -> None:
+        if self.counters is not None:
+            self.counters.instances.labels(calling_ae).inc()
+            self.counters.bytes.labels(calling_ae).inc(size)
+
+
 class CompletionOnRelease:
     """Completes the series a ``complete_on_release`` peer sent when it releases the
     association normally; an aborted association completes nothing (its series
@@ -111,12 +172,12 @@ class CompletionOnRelease:
         self._lock = threading.Lock()
         self._carried: dict[int, set[str]] = {}
 
-    def watch(self, event: Event, counters: ReceiveCounters | None = None) -> None:
-        """EVT_ACCEPTED: count it, and start collecting the series of a flagged peer's
+    def watch(self, event: Event, reports: ScpReports | None = None) -> None:
+        """EVT_ACCEPTED: report it, and start collecting the series of a flagged peer's
         association."""
-        calling_ae, _, peer = _calling_peer(event, self.config)
-        if counters is not None:
-            counters.associations.labels(calling_ae, "accepted").inc()
+        calling_ae, host, peer = _calling_peer(event, self.config)
+        if reports is not None:
+            reports.accepted(calling_ae, host)
         if peer is not None and peer.complete_on_release:
             with self._lock:
                 self._carried[id(event.assoc)] = set()
@@ -156,11 +217,11 @@ class CompletionOnRelease:
             )
 
 
-def count_rejection(event: Event, counters: ReceiveCounters | None) -> None:
+def report_rejection(event: Event, reports: ScpReports) -> None:
     """EVT_REJECTED: pynetdicom refused an association (wrong called AE title, too many
-    associations); counted for ``/metrics``."""
-    if counters is not None:
-        counters.associations.labels(_calling_ae_title(event), "rejected").inc()
+    associations)."""
+    reason = "refused by the SCP (a called AE title not ours, or too many associations)"
+    reports.rejected(_calling_ae_title(event), event.assoc.requestor.address, reason)
 
 
 def _open_associations(event: Event, peer: Peer) -> int:
@@ -183,7 +244,7 @@ def _open_associations(event: Event, peer: Peer) -> int:
 
 
 def handle_association_request(
-    event: Event, config: Config, counters: ReceiveCounters | None = None
+    event: Event, config: Config, reports: ScpReports | None = None
 ) -> None:
     """Reject associations from peers that config.yaml does not list (AE title + host),
     and one more than a peer's ``max_associations``."""
@@ -200,8 +261,8 @@ def handle_association_request(
         rejection = (_REJECT_TRANSIENT, _SOURCE_PROVIDER_PRESENTATION, _LOCAL_LIMIT_EXCEEDED)
     else:
         return
-    if counters is not None:
-        counters.associations.labels(calling_ae, "rejected").inc()
+    if reports is not None:
+        reports.rejected(calling_ae, host, reason)
     assoc = event.assoc
     logger.warning(
         "rejected association from %s at %s: %s",
@@ -409,7 +470,7 @@ def handle_store(
     config: Config,
     completion: CompletionOnRelease,
     disk_guard: DiskGuard,
-    counters: ReceiveCounters | None = None,
+    reports: ScpReports | None = None,
 ) -> int | Dataset:
     """Write the instance as received, record it, and only then answer Success.
 
@@ -463,9 +524,8 @@ def handle_store(
         logger.error("could not store %s: %s", sop_instance_uid, exc)
         return _status(OUT_OF_RESOURCES, f"cannot store: {exc}")
     completion.carried(event, series_uid)
-    if counters is not None and receipt.kind != ReceiptValues.DUPLICATE:
-        counters.instances.labels(calling_ae).inc()
-        counters.bytes.labels(calling_ae).inc(written.size)
+    if reports is not None and receipt.kind != ReceiptValues.DUPLICATE:
+        reports.stored(calling_ae, written.size)
     context = {"sop_instance_uid": sop_instance_uid, "calling_ae_title": calling_ae}
     if receipt.kind == ReceiptValues.DUPLICATE:
         logger.info(

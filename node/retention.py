@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from node.audit import AuditLog
 from node.config import RetentionSettings
 from node.dispatch import results_dir
 from node.spool import Spool
@@ -131,8 +132,10 @@ def run_cleanup(
     *,
     now: float | None = None,
     dry_run: bool = False,
+    audit: AuditLog | None = None,
 ) -> list[Removal]:
-    """One cleanup pass; returns what was (with ``dry_run``: would be) removed."""
+    """One cleanup pass; returns what was (with ``dry_run``: would be) removed, each
+    removal recorded in ``audit``."""
     now = time.time() if now is None else now
     done = []
     for removal in plan_cleanup(db, settings, data_dir, now):
@@ -140,5 +143,10 @@ def run_cleanup(
             done.append(removal)
         elif apply_removal(db, spool, data_dir, removal):
             logger.info("retention removed %s", removal.describe(now))
+            if audit is not None:
+                audit.action(
+                    f"retention removed the study's {removal.what}",
+                    removal.study_instance_uid, user="retention", removal=True,
+                )  # fmt: skip
             done.append(removal)
     return done

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -328,9 +328,15 @@ def _unchanged(db: StateDB, series_instance_uid: str, job: PlannedJob) -> bool:
     )
 
 
-def route_complete_studies(db: StateDB, rules: list[Rule], *, rerun_late: bool = True) -> list[int]:
+def route_complete_studies(
+    db: StateDB,
+    rules: list[Rule],
+    *,
+    rerun_late: bool = True,
+    on_routed: Callable[[str], object] | None = None,
+) -> list[int]:
     """Route every study none of whose series is still receiving and one of whose series
-    completed; returns the ids of jobs to run.
+    completed; returns the ids of jobs to run. ``on_routed`` hears each study routed.
 
     With ``rerun_late`` the whole study is planned again, every series it has (the best
     series for a model is chosen over all of them) and the state DB creates a new
@@ -395,4 +401,6 @@ def route_complete_studies(db: StateDB, rules: list[Rule], *, rerun_late: bool =
                 )
         created.extend(ids)
         logger.info("study %s routed", study_uid)
+        if on_routed is not None:
+            on_routed(study_uid)
     return created

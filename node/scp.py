@@ -15,12 +15,12 @@ from node.config import Config
 from node.disk_guard import DiskGuard
 from node.handlers import (
     CompletionOnRelease,
-    count_rejection,
+    ScpReports,
     handle_association_request,
     handle_echo,
     handle_store,
+    report_rejection,
 )
-from node.metrics import ReceiveCounters
 from node.spool import Spool
 from node.state import StateDB
 from node.tls import server_context
@@ -58,11 +58,12 @@ def start_scp(
     spool: Spool,
     db: StateDB,
     disk_guard: DiskGuard,
-    counters: ReceiveCounters | None = None,
+    reports: ScpReports | None = None,
 ) -> list[ThreadedAssociationServer]:
     """Start listening on the configured port, with TLS if ``node.tls`` says so, and on
-    its ``plain_port`` without (non-blocking); returns the servers. ``counters`` count
-    associations and instances for ``/metrics``."""
+    its ``plain_port`` without (non-blocking); returns the servers. ``reports`` takes
+    associations, refusals and instances for ``/metrics`` and the audit trail."""
+    reports = reports or ScpReports(config.node.ae_title)
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_pdu_size = config.node.max_pdu_bytes
     ae.require_called_aet = True
@@ -76,14 +77,14 @@ def start_scp(
         ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
     completion = CompletionOnRelease(config, db)
     handlers: list[Any] = [
-        (evt.EVT_REQUESTED, handle_association_request, [config, counters]),
-        (evt.EVT_ACCEPTED, completion.watch, [counters]),
-        (evt.EVT_REJECTED, count_rejection, [counters]),
+        (evt.EVT_REQUESTED, handle_association_request, [config, reports]),
+        (evt.EVT_ACCEPTED, completion.watch, [reports]),
+        (evt.EVT_REJECTED, report_rejection, [reports]),
         (evt.EVT_RELEASED, completion.released),
         (evt.EVT_ABORTED, completion.ended),
         (evt.EVT_CONN_CLOSE, completion.ended),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion, disk_guard, counters]),
+        (evt.EVT_C_STORE, handle_store, [spool, db, config, completion, disk_guard, reports]),
     ]
     tls = config.node.tls
     ports = [(config.node.port, server_context(tls) if tls is not None else None)]
@@ -98,7 +99,7 @@ def start_scp(
             ssl_context=ssl_context,
         )
         assert server is not None  # always returned when block=False
-        use_acceptor(server, fast=config.node.fast_transport)
+        use_acceptor(server, fast=config.node.fast_transport, on_tls_refused=reports.tls_refused)
         logger.info(
             "SCP %s listening on %s:%d%s",
             config.node.ae_title,

@@ -14,11 +14,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from node.audit import AuditLog
 from node.config import Config, Destination
 from node.state import Delivery, StateDB
 from node.tls import client_context
@@ -81,9 +82,24 @@ def _association_failure(assoc: Association, destination: Destination) -> _Outco
 class Sender:
     """Works off due deliveries; call :meth:`tick` periodically from one thread."""
 
-    def __init__(self, config: Config, db: StateDB) -> None:
+    def __init__(self, config: Config, db: StateDB, audit: AuditLog | None = None) -> None:
         self.config = config
         self.db = db
+        self.audit = audit
+
+    def _audit(self, header: Dataset, name: str, failure: str | None = None) -> None:
+        """A result acknowledged by destination ``name``, or failed for good."""
+        destination = self.config.destinations.get(name)
+        if self.audit is None or destination is None:
+            return
+        self.audit.result_sent(
+            str(header.get("StudyInstanceUID", "")),
+            str(header.get("SOPInstanceUID", "")),
+            ae_title=self.config.node.ae_title,
+            destination=destination.ae_title,
+            address=destination.host,
+            failure=failure,
+        )
 
     def tick(self, now: float | None = None) -> int:
         """Attempt every due delivery; returns how many were delivered."""
@@ -120,7 +136,7 @@ class Sender:
         if not assoc.is_established:
             outcome = _association_failure(assoc, destination)
             for delivery in deliveries:
-                self._settle(delivery, outcome)
+                self._settle(delivery, outcome, headers[delivery.id])
             return 0
         delivered = 0
         try:
@@ -128,6 +144,7 @@ class Sender:
                 failure = self._store(assoc, delivery.path)
                 if failure is None:
                     self.db.mark_delivery_done(delivery.id)
+                    self._audit(headers[delivery.id], name)
                     delivered += 1
                     logger.info(
                         "delivered %s to %s",
@@ -136,13 +153,13 @@ class Sender:
                         extra={"job_id": delivery.job_id, "destination": name},
                     )
                 else:
-                    self._settle(delivery, failure)
+                    self._settle(delivery, failure, headers[delivery.id])
                 if not assoc.is_established:
                     lost = _Outcome(
                         True, f"association with {name} ended before all files were sent"
                     )
                     for remaining in deliveries[index + 1 :]:
-                        self._settle(remaining, lost)
+                        self._settle(remaining, lost, headers[remaining.id])
                     break
         finally:
             if assoc.is_established:
@@ -164,7 +181,7 @@ class Sender:
         transient = code & _OUT_OF_RESOURCES_MASK == _OUT_OF_RESOURCES
         return _Outcome(transient, f"C-STORE failed with status 0x{code:04X}{comment}")
 
-    def _settle(self, delivery: Delivery, outcome: _Outcome) -> None:
+    def _settle(self, delivery: Delivery, outcome: _Outcome, header: Dataset) -> None:
         now = time.time()
         give_up = now - delivery.created_at >= self.config.delivery.give_up_after_seconds
         if outcome.transient and not give_up:
@@ -185,6 +202,7 @@ class Sender:
         if outcome.transient:
             reason = f"gave up after {delivery.attempts + 1} attempts; last: {reason}"
         self.db.mark_delivery_failed(delivery.id, reason)
+        self._audit(header, delivery.destination, reason)
         logger.error(
             "delivery of %s to %s failed: %s", delivery.path.name, delivery.destination, reason
         )

@@ -21,6 +21,7 @@ import socket
 import ssl
 import struct
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any, cast
 
@@ -65,6 +66,9 @@ _PYNETDICOM_SERIES = "3.0."
 # between loops when idle; ours wait at most this long, for data or a message.
 _DUL_IDLE_SECONDS = 0.001
 _REACTOR_IDLE_SECONDS = 0.001
+# The server attribute holding what to call, with the client's address and the reason,
+# when a TLS handshake fails.
+_ON_TLS_REFUSED = "pacsnode_on_tls_refused"
 # What a PDU's buffer starts at (the largest PDUs dcmtk and pynetdicom send by default
 # fit); it grows as more arrives.
 _FIRST_BUFFER_BYTES = 4 * 1024 * 1024
@@ -443,12 +447,14 @@ class _TimedRequestHandler(RequestHandler):
             try:
                 connection.do_handshake()
             except (OSError, ssl.SSLError) as exc:
+                host, reason = self.client_address[0], str(getattr(exc, "reason", None) or exc)
                 logger.warning(
-                    "refused a TLS connection from %s: %s",
-                    self.client_address[0],
-                    getattr(exc, "reason", None) or exc,
-                    extra={"peer_host": self.client_address[0]},
-                )
+                    "refused a TLS connection from %s: %s", host, reason,
+                    extra={"peer_host": host},
+                )  # fmt: skip
+                on_refused = getattr(self.server, _ON_TLS_REFUSED, None)
+                if on_refused is not None:
+                    on_refused(host, reason)
                 return
         super().handle()
 
@@ -503,16 +509,23 @@ class _RequestHandler(_TimedRequestHandler):
         return assoc
 
 
-def use_acceptor(server: ThreadedAssociationServer, *, fast: bool) -> bool:
+def use_acceptor(
+    server: ThreadedAssociationServer,
+    *,
+    fast: bool,
+    on_tls_refused: Callable[[str, str], object] | None = None,
+) -> bool:
     """Serve new associations of ``server`` with the classes above (``fast``), or with
     pynetdicom's own with only the read timeout and the deferred TLS handshake added;
-    True if the fast ones serve.
+    True if the fast ones serve. ``on_tls_refused(host, reason)`` hears of each failed
+    TLS handshake.
 
     For any pynetdicom other than the series they were written against, the fast
     classes are not used (and a warning says so).
     """
     # socketserver builds one handler per connection from this class.
     server.RequestHandlerClass = _TimedRequestHandler
+    setattr(server, _ON_TLS_REFUSED, on_tls_refused)
     server.get_request = functools.partial(_accept_without_handshake, server)  # type: ignore[method-assign]
     if not fast:
         return False

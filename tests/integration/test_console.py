@@ -207,6 +207,17 @@ def test_console_shows_a_study_its_timeline_and_acts_on_a_failed_delivery(
         assert [a["outcome"] for a in history][-2:] == ["resend", "delivered"]
         assert "console" in history[-2]["reason"]
         assert "console: re-send by 127.0.0.1" in node.log()
+        # The audit trail has each re-send, by the console from 127.0.0.1, and the refusals.
+        audit = [json.loads(line) for line in
+                 (node.data_dir / "audit" / "audit.jsonl").read_text().splitlines()]  # fmt: skip
+        resends = [a for a in audit if a["EventID"]["csd-code"] == "110103"]
+        assert len(resends) == 2
+        assert {a["ActiveParticipant"][0]["NetworkAccessPointID"] for a in resends} == {"127.0.0.1"}
+        assert {
+            a["ParticipantObjectIdentification"][0]["ParticipantObjectID"] for a in resends
+        } == {job.study_instance_uid}
+        refusals = [a for a in audit if a["EventID"]["csd-code"] == "110113"]
+        assert len(refusals) == 2  # the wrong token, in the browser and by the API
 
 
 def _browse(

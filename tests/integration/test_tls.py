@@ -6,6 +6,7 @@ and logged, while a plain port, when configured, still serves plain DICOM."""
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import subprocess
@@ -82,6 +83,15 @@ def test_a_study_goes_in_and_results_go_out_over_mutual_tls(
                 assert echo.returncode != 0, (name, echo.stdout + echo.stderr)
             log = node.log()
             assert log.count("refused a TLS connection from 127.0.0.1") >= 3, log[-3000:]
+            audit = (node.data_dir / "audit" / "audit.jsonl").read_text().splitlines()
+            alerts = [json.loads(line) for line in audit if '"110113"' in line]
+            assert len(alerts) >= 3
+            assert all(
+                a["EventTypeCode"][0]["originalText"] == "Node Authentication" for a in alerts
+            )
+            assert all(
+                a["ActiveParticipant"][0]["NetworkAccessPointID"] == "127.0.0.1" for a in alerts
+            )
             # Trusted clients, and plain DICOM on the plain port, are served, even while
             # a client that connected to the TLS port says nothing.
             with socket.create_connection(("127.0.0.1", node.port)):
