@@ -127,7 +127,11 @@ class Node:
         self.disk_guard = DiskGuard(self.spool.root, config.storage)
         self.redis = EmbeddedRedis(data_dir) if config.embedded_broker else None
         self.worker = WorkerProcess(self.config_path) if config.embedded_broker else None
-        configure_celery(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
+        configure_celery(
+            broker_url(config),
+            job_timeout_seconds=config.worker.job_timeout_seconds,
+            lease_seconds=config.worker.lease_seconds,
+        )
         self.dispatcher = Dispatcher(config, self.db, celery_app)
         self.audit = AuditLog(data_dir / "audit", config.audit)
         self.sender = Sender(config, self.db, self.audit)

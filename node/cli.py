@@ -92,7 +92,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         lanes = 1
     threads = max(1, owned_cores() // lanes)
     torch.set_num_threads(threads)
-    configure(broker_url(config), job_timeout_seconds=config.worker.job_timeout_seconds)
+    configure(
+        broker_url(config),
+        job_timeout_seconds=config.worker.job_timeout_seconds,
+        lease_seconds=config.worker.lease_seconds,
+    )
     if config.worker.overlap:
         # Lock files for the stage slots, made before the job processes fork.
         stage_dir = Path(tempfile.mkdtemp(prefix="pacsnode-stages-"))
@@ -111,7 +115,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             "--queues",
             args.queue,
             "--hostname",
-            f"pacsnode-{args.queue.replace(',', '-')}@{socket.gethostname()}",
+            # The pid keeps two workers on one host apart (Celery's ping and revokes).
+            f"pacsnode-{args.queue.replace(',', '-')}-{os.getpid()}@{socket.gethostname()}",
             "--loglevel",
             "INFO",
             "--without-gossip",

@@ -296,6 +296,9 @@ class WorkerSettings(_Frozen):
     previous one (three job processes per model slot, :mod:`workers.stages`)."""
     job_timeout_seconds: float = Field(default=3600.0, gt=0)
     """A job running longer than this is dispatched again (the worker is presumed lost)."""
+    lease_seconds: float = Field(default=10.0, ge=1)
+    """A running job renews a lease this long; one not renewed for this long has lost
+    its worker and is dispatched again (:mod:`workers.lease`)."""
     max_attempts: int = Field(default=3, ge=1)
 
 

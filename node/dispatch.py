@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.result import AsyncResult
 from pydantic import ValidationError
 
 from models.registry import get_model_class
 from node.config import Config
-from node.state import Job, JobStateValues, StateDB
+from node.state import Job, JobInFlight, JobStateValues, StateDB
 from workers.contract import (
     RUN_MODEL,
     JobOutcome,
@@ -28,6 +29,7 @@ from workers.contract import (
     Predecessor,
     ResultInstance,
 )
+from workers.lease import lease_key, redis_client
 from workers.outputs import OutputProfile, OutputRequest
 
 __all__ = ["Dispatcher", "results_dir"]
@@ -38,6 +40,10 @@ logger = logging.getLogger(__name__)
 def results_dir(data_dir: Path, job_id: int) -> Path:
     """Where a job's worker writes its output files."""
     return data_dir / "results" / f"job-{job_id}"
+
+
+#: How often running jobs' leases are looked at.
+_LEASE_CHECK_SECONDS = 1.0
 
 
 class Dispatcher:
@@ -57,6 +63,30 @@ class Dispatcher:
         self.config = config
         self.db = db
         self.app = celery_app
+        self._leases: redis.Redis | None = None
+        self._leases_checked_at = 0.0
+
+    def _lost_leases(self, running: list[JobInFlight], now: float) -> set[int]:
+        """Running jobs whose lease expired (:mod:`workers.lease`): their worker is gone.
+        Asked at most once a second; a job gets one lease period from when it started
+        to take its lease; a broker that cannot be asked loses nobody."""
+        if not running or now - self._leases_checked_at < _LEASE_CHECK_SECONDS:
+            return set()
+        self._leases_checked_at = now
+        grace = self.config.worker.lease_seconds
+        due = [j.id for j in running if j.started_at is not None and now - j.started_at > grace]
+        if not due:
+            return set()
+        try:
+            if self._leases is None:
+                self._leases = redis_client(str(self.app.conf.broker_url))
+            held = self._leases.exists(*(lease_key(job_id) for job_id in due))
+            if held == len(due):
+                return set()
+            return {job_id for job_id in due if not self._leases.exists(lease_key(job_id))}
+        except redis.RedisError as exc:
+            logger.warning("cannot read job leases: %s", exc)
+            return set()
 
     def dispatch_pending(self) -> int:
         """Send every pending job to its model's queue; returns how many were sent.
@@ -151,7 +181,9 @@ class Dispatcher:
         many jobs settled (their deliveries may be due)."""
         now = time.time()
         settled = 0
-        for job in self.db.jobs_in_flight():
+        in_flight = self.db.jobs_in_flight()
+        lost = self._lost_leases([j for j in in_flight if j.state == JobStateValues.RUNNING], now)
+        for job in in_flight:
             if job.task_id is None:
                 self.db.mark_job_pending(job.id, "lost its task id")
                 continue
@@ -170,6 +202,17 @@ class Dispatcher:
                 self.db.mark_job_failed(job.id, f"worker error: {type(error).__name__}: {error}")
                 result.forget()
                 settled += 1
+            elif job.id in lost:
+                self.db.mark_job_pending(
+                    job.id,
+                    f"its worker stopped renewing the job's lease for "
+                    f"{self.config.worker.lease_seconds:.0f} s (presumed dead); dispatched again",
+                )
+                self.app.control.revoke(job.task_id)  # should the broker hand it out again
+                logger.warning(
+                    "job %d lost its worker (lease expired); dispatched again", job.id,
+                    extra={"job_id": job.id},
+                )  # fmt: skip
             elif (
                 job.state == JobStateValues.RUNNING
                 and job.dispatched_at is not None

@@ -22,6 +22,7 @@ from kombu.exceptions import KombuError
 
 from node.disk_guard import DiskGuard
 from node.state import JobStateValues, StateDB
+from workers.lease import redis_client
 
 __all__ = ["BrokerProbe", "BrokerView", "readiness"]
 
@@ -36,13 +37,6 @@ _ALIVE_SECONDS = 5.0
 QUEUES = ("gpu", "cpu")
 #: Kombu's Redis transport keeps tasks of other priorities in lists named with these.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-
-
-def _redis_client(url: str) -> redis.Redis:
-    """A client for the broker URL as Celery reads it (``redis+socket://`` included)."""
-    if url.startswith("redis+socket://"):
-        return redis.Redis(unix_socket_path=url.removeprefix("redis+socket://"))
-    return redis.Redis.from_url(url)
 
 
 @dataclass
@@ -88,7 +82,7 @@ class BrokerProbe:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        client = _redis_client(self.broker_url)
+        client = redis_client(self.broker_url)
         while True:
             self.check(client)
             if self._stop.wait(PROBE_SECONDS):

@@ -354,6 +354,7 @@ class JobInFlight:
     state: JobStateValues
     task_id: str | None
     dispatched_at: float | None
+    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -980,12 +981,17 @@ class StateDB:
     def jobs_in_flight(self) -> list[JobInFlight]:
         """Queued and running jobs, without their manifests and requests (read often)."""
         rows = self._query(
-            "SELECT id, state, task_id, dispatched_at FROM jobs WHERE state IN (?, ?) ORDER BY id",
+            "SELECT id, state, task_id, dispatched_at, started_at FROM jobs "
+            "WHERE state IN (?, ?) ORDER BY id",
             (JobStateValues.QUEUED, JobStateValues.RUNNING),
         )
         return [
             JobInFlight(
-                row["id"], JobStateValues(row["state"]), row["task_id"], row["dispatched_at"]
+                row["id"],
+                JobStateValues(row["state"]),
+                row["task_id"],
+                row["dispatched_at"],
+                row["started_at"],
             )
             for row in rows
         ]

@@ -14,7 +14,7 @@ _PR_SET_PDEATHSIG = 1
 app = Celery("pacsnode")
 
 
-def configure(broker_url: str, *, job_timeout_seconds: float) -> None:
+def configure(broker_url: str, *, job_timeout_seconds: float, lease_seconds: float = 10.0) -> None:
     """Point the app at the broker and set the delivery guarantees pacsnode relies on.
 
     Tasks are acknowledged only after they finish and requeued if their worker dies;
@@ -37,6 +37,8 @@ def configure(broker_url: str, *, job_timeout_seconds: float) -> None:
         worker_hijack_root_logger=False,
         result_expires=7 * 24 * 3600,
         imports=["workers.tasks"],
+        # How long a running job's lease lasts without renewal (workers.lease).
+        pacsnode_lease_seconds=lease_seconds,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 from workers import pipeline
 from workers.celery_app import app
 from workers.contract import RUN_MODEL, JobRequest
+from workers.lease import job_lease
 
 __all__ = ["run_model"]
 
@@ -15,5 +16,8 @@ __all__ = ["run_model"]
 def run_model(*, request: dict[str, Any]) -> dict[str, Any]:
     """Run the job ``request`` (a :class:`workers.contract.JobRequest` as JSON) and
     return its :class:`workers.contract.JobOutcome` as JSON."""
-    outcome = pipeline.run_job(JobRequest.model_validate(request))
+    job = JobRequest.model_validate(request)
+    lease_seconds = float(app.conf.get("pacsnode_lease_seconds", 10.0))
+    with job_lease(str(app.conf.broker_url), job.job_id, lease_seconds):
+        outcome = pipeline.run_job(job)
     return outcome.model_dump(mode="json")
