@@ -446,6 +446,10 @@ class _TimedRequestHandler(RequestHandler):
             # Here, on the association's own thread (see _accept_without_handshake).
             try:
                 connection.do_handshake()
+            except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError):
+                # Closed before a word of TLS: a port check (a load balancer, a probe).
+                logger.debug("connection from %s closed before TLS", self.client_address[0])
+                return
             except (OSError, ssl.SSLError) as exc:
                 host, reason = self.client_address[0], str(getattr(exc, "reason", None) or exc)
                 logger.warning(

@@ -14,12 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.filebase import DicomBytesIO
 
 from node.state import JobStateValues
 from tests.certificates import Issued, make_ca
-from tests.integration.conftest import ct_node_config
-from tests.node_process import NODE_AE_TITLE, NodeProcess
-from tests.peers import StoreSCP, dcmtk_env, free_port, run_storescu
+from tests.integration.conftest import CT_RULE, ct_node_config
+from tests.integration.test_orthanc import COMPREHENSIVE_3D_SR, SEG_SOP_CLASS
+from tests.node_process import NODE_AE_TITLE, NodeProcess, node_config
+from tests.peers import Orthanc, StoreSCP, dcmtk_env, free_port, run_storescu, wait_for
 
 FINISHED = {JobStateValues.DELIVERED, JobStateValues.FAILED}
 
@@ -125,3 +128,49 @@ def test_check_config_names_bad_tls_files(tmp_path: Path, problem: str, expected
     )  # fmt: skip
     assert check.returncode == 2, check.stdout + check.stderr
     assert re.search(expected, check.stdout + check.stderr), check.stdout + check.stderr
+
+
+def test_orthanc_as_the_pacs_round_trip_over_tls(tmp_path: Path, phantom_dir: Path) -> None:
+    """Orthanc with DicomTlsEnabled sends a study to pacsnode and receives the SEG and
+    SR back, both associations over mutual TLS."""
+    certs = tmp_path / "certs"
+    ca = make_ca("hospital-ca", certs)
+    node_cert = ca.issue("pacsnode", certs)
+    orthanc_cert = ca.issue("orthanc", certs)
+    node_port = free_port()
+    orthanc_config = {
+        "DicomTlsEnabled": True,
+        "DicomTlsCertificate": str(orthanc_cert.certificate),
+        "DicomTlsPrivateKey": str(orthanc_cert.private_key),
+        "DicomTlsTrustedCertificates": str(ca.certificate),
+        "DicomTlsRemoteCertificateRequired": True,
+        "DicomModalities": {
+            "pacsnode": {"AET": NODE_AE_TITLE, "Host": "127.0.0.1", "Port": node_port,
+                         "UseDicomTls": True},
+        },
+    }  # fmt: skip
+    with Orthanc(workdir=tmp_path / "orthanc", extra_config=orthanc_config) as orthanc:
+        tls = {"certificate": str(node_cert.certificate), "private_key": str(node_cert.private_key),
+               "ca_certificates": str(ca.certificate)}  # fmt: skip
+        config = node_config(
+            tmp_path / "data", port=node_port,
+            peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1"}],
+            destinations={"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1",
+                                   "port": orthanc.dicom_port, "tls": tls}},
+            rules=[CT_RULE],
+        )  # fmt: skip
+        config["node"]["tls"] = tls
+        for path in sorted(phantom_dir.glob("*.dcm")):
+            orthanc.upload(path)
+        with NodeProcess(tmp_path / "node", config) as node:
+            orthanc.send_to_modality("pacsnode", [s["ID"] for s in orthanc.series()])
+            (job,) = node.wait_for_jobs(1, FINISHED)
+            assert job.state == JobStateValues.DELIVERED, job.reason
+            assert "refused a TLS connection" not in node.log()
+        segs = wait_for(
+            lambda: orthanc.find_instances_by_sop_class(SEG_SOP_CLASS), 10, "the SEG in Orthanc"
+        )
+        srs = orthanc.find_instances_by_sop_class(COMPREHENSIVE_3D_SR)
+        assert (len(segs), len(srs)) == (1, 1)
+        seg = dcmread(DicomBytesIO(orthanc.get_file(segs[0]["ID"])))
+        assert seg.StudyInstanceUID == dcmread(min(phantom_dir.glob("*.dcm"))).StudyInstanceUID
