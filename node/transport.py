@@ -140,6 +140,15 @@ class _WakeableDUL(DULServiceProvider):
     def run_reactor(self) -> None:
         try:
             super().run_reactor()
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, struct.error) as exc:
+            # pynetdicom's decoder chokes on a malformed message (a command set without
+            # its Command Field, say) in this thread: the association ends here, as it
+            # would upstream, with one line instead of a traceback on stderr.
+            peer = self.assoc.requestor.address
+            logger.warning(
+                "association from %s ended: malformed data (%s: %s)", peer, type(exc).__name__, exc,
+                extra={"peer_host": peer},
+            )  # fmt: skip
         finally:
             with self._wake_lock:
                 self._wake_closed = True
