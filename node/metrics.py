@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from node.disk_guard import DiskGuard
 from node.health import BrokerProbe
-from node.state import DeliveryStateValues, StateDB
+from node.state import UNSETTLED_JOB_STATES, DeliveryStateValues, JobStateValues, StateDB
 
 __all__ = ["STAGE_BUCKETS", "NodeCollector", "ReceiveCounters"]
 
@@ -174,12 +174,22 @@ class NodeCollector(Collector):
         yield from self._gauges()
 
     def _jobs(self) -> Iterable[Metric]:
-        jobs = CounterMetricFamily(
-            "pacsnode_jobs", "Jobs by model and state (final or not).", labels=["model", "state"]
+        """Finished jobs by final state (a counter), jobs on their way by state (a gauge:
+        they move on)."""
+        finished = CounterMetricFamily(
+            "pacsnode_jobs", "Jobs finished, by model and final state.", labels=["model", "state"]
         )
+        moving = GaugeMetricFamily(
+            "pacsnode_jobs_in_progress",
+            "Jobs not finished, by model and state (pending, queued, running, results_ready).",
+            labels=["model", "state"],
+        )
+        in_progress = {str(s) for s in (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY)}
         for row in self.db.select("SELECT model, state, COUNT(*) FROM jobs GROUP BY 1, 2"):
-            jobs.add_metric([row[0], row[1]], row[2])
-        yield jobs
+            family = moving if row[1] in in_progress else finished
+            family.add_metric([row[0], row[1]], row[2])
+        yield finished
+        yield moving
 
     def _deliveries(self) -> Iterable[Metric]:
         attempts = CounterMetricFamily(

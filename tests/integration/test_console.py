@@ -143,6 +143,7 @@ def test_console_shows_a_study_its_timeline_and_acts_on_a_failed_delivery(
         assert metrics["pacsnode_instances_received_total", scanner] == instances[0] == 48
         assert metrics["pacsnode_received_bytes_total", scanner] == instances[1]
         assert metrics["pacsnode_associations_total", (*scanner, ("outcome", "accepted"))] == 2
+        assert set(by_state) == {"failed"}  # both jobs, by their deliveries
         for state, count in by_state.items():
             labels = (("model", "ct-tissue"), ("state", state))
             assert metrics["pacsnode_jobs_total", labels] == count
