@@ -51,9 +51,9 @@ from starlette.routing import Route
 from node import overview
 from node.audit import MINOR_FAILURE, SECURITY_ALERT, AuditLog, Participant
 from node.config import Config
-from node.disk_guard import DiskGuard
+from node.disk_guard import DiskGuard, format_bytes
 from node.health import BrokerProbe, readiness
-from node.state import StateDB
+from node.state import IN_PROGRESS_JOB_STATES, StateDB
 
 __all__ = ["Console", "ConsoleServer", "read_or_create_token"]
 
@@ -183,7 +183,9 @@ class Console:
 
     async def dashboard(self, request: Request) -> Response:
         summary = await run_in_threadpool(self.summary)
-        return self._page("dashboard.html", request, s=summary, banner=self._banner())
+        space = summary["disk"]
+        banner = self._banner() if space["refusing"] else None
+        return self._page("dashboard.html", request, s=summary, banner=banner)
 
     async def studies_page(self, request: Request) -> Response:
         found = await run_in_threadpool(self._studies, request)
@@ -207,7 +209,7 @@ class Console:
         study = await run_in_threadpool(overview.study_detail, self.reader, uid)
         if study is None:
             return HTMLResponse(f"no study {uid} on this node", status_code=404)
-        moving = any(j["state"] in _MOVING for j in study["jobs"])
+        moving = any(j["state"] in IN_PROGRESS_JOB_STATES for j in study["jobs"])
         return self._page(
             "study.html", request, study=study, moving=moving, done=request.query_params.get("done")
         )
@@ -366,10 +368,6 @@ def _refusal(error: str, status: int, back: str | None) -> Response:
     return HTMLResponse(html, status_code=status, headers=headers)
 
 
-#: Job states that make a study page refresh itself.
-_MOVING = ("pending", "queued", "running", "results_ready")
-
-
 def _when(epoch: float | None) -> str:
     return "" if epoch is None else datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S")
 
@@ -384,12 +382,8 @@ def _seconds(value: float | None) -> str:
     return f"{value / 3600:.1f} h"
 
 
-def _size(count: int) -> str:
-    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
-
-
 _TEMPLATES = Environment(loader=PackageLoader("node", "templates"), autoescape=select_autoescape())
-_TEMPLATES.filters.update(when=_when, seconds=_seconds, size=_size)
+_TEMPLATES.filters.update(when=_when, seconds=_seconds, size=format_bytes)
 _TEMPLATES.globals["now"] = time.time
 
 

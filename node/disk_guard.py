@@ -20,7 +20,7 @@ from pathlib import Path
 
 from node.config import StorageSettings
 
-__all__ = ["DiskGuard", "DiskSpace"]
+__all__ = ["DiskGuard", "DiskSpace", "format_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +39,14 @@ class DiskSpace:
 
     def describe(self) -> str:
         return (
-            f"{_size(self.free_bytes)} free of {_size(self.total_bytes)}, below the disk "
-            f"guard of {_size(self.threshold_bytes)} (storage.min_free_bytes / "
+            f"{format_bytes(self.free_bytes)} free of {format_bytes(self.total_bytes)}, below the disk "
+            f"guard of {format_bytes(self.threshold_bytes)} (storage.min_free_bytes / "
             "storage.min_free_percent)"
         )
 
 
-def _size(count: int) -> str:
+def format_bytes(count: int) -> str:
+    """A size as people read it: GiB from 1 GiB up, else MiB."""
     return f"{count / 2**30:.2f} GiB" if abs(count) >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from node.disk_guard import DiskGuard
 from node.health import BrokerProbe
-from node.state import UNSETTLED_JOB_STATES, DeliveryStateValues, JobStateValues, StateDB
+from node.state import IN_PROGRESS_JOB_STATES, DeliveryStateValues, StateDB
 
 __all__ = ["STAGE_BUCKETS", "NodeCollector", "ReceiveCounters"]
 
@@ -184,9 +184,8 @@ class NodeCollector(Collector):
             "Jobs not finished, by model and state (pending, queued, running, results_ready).",
             labels=["model", "state"],
         )
-        in_progress = {str(s) for s in (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY)}
         for row in self.db.select("SELECT model, state, COUNT(*) FROM jobs GROUP BY 1, 2"):
-            family = moving if row[1] in in_progress else finished
+            family = moving if row[1] in IN_PROGRESS_JOB_STATES else finished
             family.add_metric([row[0], row[1]], row[2])
         yield finished
         yield moving

@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Any
 
 from node.state import (
-    UNSETTLED_JOB_STATES,
+    IN_PROGRESS_JOB_STATES,
+    RETRYABLE_JOB_STATES,
     DeliveryStateValues,
     Job,
     JobStateValues,
@@ -275,14 +276,9 @@ def _job(db: StateDB, job: Job) -> dict[str, Any]:
 def _actions(job: Job) -> list[str]:
     """What the console offers for a job (:class:`node.state.StateDB` decides)."""
     actions = []
-    if job.state in (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY):
+    if job.state in IN_PROGRESS_JOB_STATES:
         actions.append("cancel")
-    if job.superseded_by is None and job.state in (
-        JobStateValues.FAILED,
-        JobStateValues.CANCELLED,
-        JobStateValues.DELIVERED,
-        JobStateValues.KEPT,
-    ):
+    if job.superseded_by is None and job.state in RETRYABLE_JOB_STATES:
         actions.append("retry")
     return actions
 
@@ -344,7 +340,7 @@ def failures(db: StateDB) -> dict[str, Any]:
     moving = db.select(
         "SELECT (SELECT COUNT(*) FROM jobs WHERE state IN (?, ?, ?, ?)) + "
         "(SELECT COUNT(*) FROM deliveries WHERE state = ?)",
-        (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY, DeliveryStateValues.PENDING),
+        (*IN_PROGRESS_JOB_STATES, DeliveryStateValues.PENDING),
     )[0][0]
     return {
         "moving": moving,

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 from workers.contract import InputSeries, JobOutcome, JobRequest, Manifest, ManifestInstance
 
 __all__ = [
+    "IN_PROGRESS_JOB_STATES",
+    "RETRYABLE_JOB_STATES",
     "SCHEMA_VERSION",
     "Delivery",
     "DeliveryAttempt",
@@ -72,8 +74,10 @@ class JobStateValues(enum.StrEnum):
 
 #: Jobs that may still produce results.
 UNSETTLED_JOB_STATES = (JobStateValues.PENDING, JobStateValues.QUEUED, JobStateValues.RUNNING)
+#: Jobs on their way: they may still produce or send results (and can be cancelled).
+IN_PROGRESS_JOB_STATES = (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY)
 #: Jobs :meth:`StateDB.retry_job` runs again.
-_RETRYABLE_JOB_STATES = (
+RETRYABLE_JOB_STATES = (
     JobStateValues.FAILED,
     JobStateValues.CANCELLED,
     JobStateValues.DELIVERED,
@@ -721,7 +725,12 @@ class StateDB:
         return [(Path(r["path"]), r["geometry"]) for r in rows]
 
     def instance_count(self, series_instance_uid: str) -> int:
-        return len(self._instances(series_instance_uid))
+        """How many instances the series has (late ones kept under ``keep`` left out)."""
+        rows = self._query(
+            "SELECT COUNT(*) FROM instances WHERE series_instance_uid = ? AND late = 0",
+            (series_instance_uid,),
+        )
+        return int(rows[0][0])
 
     def _instances(
         self, series_instance_uid: str, conn: sqlite3.Connection | None = None
@@ -1153,7 +1162,7 @@ class StateDB:
                     f"job {job_id} was replaced by job {row['superseded_by']}, which ran on "
                     "newer input; retry that one"
                 )
-            if row["state"] not in _RETRYABLE_JOB_STATES:
+            if row["state"] not in RETRYABLE_JOB_STATES:
                 raise ValueError(
                     f"job {job_id} is {row['state']}; only failed, cancelled, delivered or "
                     "kept jobs can be retried"
@@ -1195,7 +1204,7 @@ class StateDB:
             row = conn.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is None:
                 raise KeyError(f"there is no job {job_id}")
-            if row["state"] not in (*UNSETTLED_JOB_STATES, JobStateValues.RESULTS_READY):
+            if row["state"] not in IN_PROGRESS_JOB_STATES:
                 raise ValueError(f"job {job_id} is {row['state']}; there is nothing to cancel")
             pending = conn.execute(
                 "SELECT id FROM deliveries WHERE job_id = ? AND state = ?",

@@ -54,6 +54,14 @@ def node_config(
     return config
 
 
+def rss_kib(pid: int) -> int:
+    """A process's resident memory (KiB), from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
 class NodeProcess:
     """Runs ``pacsnode run --config FILE``; restartable, killable.
 

@@ -17,19 +17,12 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from tests.integration.conftest import make_phantom_series
-from tests.node_process import NODE_AE_TITLE, NodeProcess, node_config
+from tests.node_process import NODE_AE_TITLE, NodeProcess, node_config, rss_kib
 from tests.peers import dcmtk_env, run_storescu, wait_for
 
 VERIFICATION = "1.2.840.10008.1.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 NETWORK_TIMEOUT = 2.0
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 def _associate(node: NodeProcess, calling: str = "SCANNER") -> Association:
@@ -73,7 +66,7 @@ def test_broken_and_hostile_pdus_end_their_association_only(
     assert node.process is not None
     pid = node.process.pid
     _echo(node)
-    before = _rss_kib(pid)
+    before = rss_kib(pid)
 
     # A P-DATA-TF header claiming 1 GB, then silence: nothing near 1 GB is allocated,
     # and the connection closes once the network timeout passes.
@@ -82,7 +75,7 @@ def test_broken_and_hostile_pdus_end_their_association_only(
     start = time.monotonic()
     wait_for(lambda: not liar.is_established, 5 * NETWORK_TIMEOUT, "the liar's association to end")
     assert time.monotonic() - start < 4 * NETWORK_TIMEOUT
-    assert _rss_kib(pid) - before < 64 * 1024, "the node allocated what the header claimed"
+    assert rss_kib(pid) - before < 64 * 1024, "the node allocated what the header claimed"
 
     # An association that says nothing is ended by the network timeout.
     idle = _associate(node)
@@ -106,7 +99,7 @@ def test_broken_and_hostile_pdus_end_their_association_only(
         )
         if assoc.is_established:
             assoc.abort()
-    assert _rss_kib(pid) - before < 64 * 1024
+    assert rss_kib(pid) - before < 64 * 1024
 
     # The node still receives a study.
     _echo(node)

@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 
 from tests.dicom_factory import write_ct_series
-from tests.node_process import NODE_AE_TITLE, NodeProcess, node_config
+from tests.node_process import NODE_AE_TITLE, NodeProcess, node_config, rss_kib
 from tests.peers import build_storescu_command, dcmtk_env
 
 pytestmark = pytest.mark.integration
 
 INSTANCES = 3000
 LIMIT_KIB = 300 * 1024
-
-
-def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def test_a_3000_instance_series_keeps_the_node_under_300_mb(tmp_path: Path) -> None:
@@ -41,7 +34,7 @@ def test_a_3000_instance_series_keeps_the_node_under_300_mb(tmp_path: Path) -> N
 
         def sample() -> None:
             while not done.wait(1.0):
-                samples.append(_rss_kib(pid))
+                samples.append(rss_kib(pid))
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
