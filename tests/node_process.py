@@ -88,6 +88,7 @@ class NodeProcess:
         http.setdefault("port", free_port())
         self.config = config
         self.port: int = node["port"]
+        self._console_port: int | None = http["port"] if http.get("enabled", True) else None
         #: The console's base URL (``http.port``).
         self.console_url = f"http://127.0.0.1:{http['port']}"
         self.data_dir = Path(node["data_dir"])
@@ -106,6 +107,10 @@ class NodeProcess:
             )
         try:
             wait_for_port(self.port, timeout=timeout, what="pacsnode SCP", process=self.process)
+            if self._console_port is not None:  # bound after the SCP starts
+                wait_for_port(
+                    self._console_port, timeout=timeout, what="the console", process=self.process
+                )
         except (RuntimeError, TimeoutError) as exc:
             raise type(exc)(f"{exc}\nnode log:\n{self.log()[-4000:]}") from exc
 
