@@ -213,6 +213,14 @@ class Node:
             logger.warning("%s (the other models run)", problem)
         self.fingerprints = model_fingerprints()
         recover_spool(self.spool, self.db, rerun_late=self.rerun_late)
+        for delivery in self.db.settle_interrupted_deliveries():
+            logger.warning(
+                "the node stopped while sending %s to %s; sending it again (the destination "
+                "may receive this SOP Instance twice)",
+                delivery.path.name,
+                delivery.destination,
+                extra={"job_id": delivery.job_id, "destination": delivery.destination},
+            )
         if self.redis is not None:
             self.redis.start()
         if self.worker is not None:

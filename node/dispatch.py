@@ -258,8 +258,10 @@ class Dispatcher:
             result: AsyncResult[Any] | None = (
                 AsyncResult(job.task_id, app=self.app) if job.task_id else None
             )
-            if result is not None and result.state in {"SUCCESS", "FAILURE"}:
+            state = result.state if result is not None else "PENDING"
+            if state in {"SUCCESS", "FAILURE"}:
                 continue  # finished while we were away; collect() records it
-            self.db.mark_job_pending(job.id, reason)
+            started = job.state == JobStateValues.RUNNING or state != "PENDING"
+            self.db.mark_job_pending(job.id, reason, never_started=not started)
             requeued += 1
         return requeued

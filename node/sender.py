@@ -141,6 +141,7 @@ class Sender:
         delivered = 0
         try:
             for index, delivery in enumerate(deliveries):
+                self.db.begin_sending(delivery.id)
                 failure = self._store(assoc, delivery.path)
                 if failure is None:
                     self.db.mark_delivery_done(delivery.id)

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 #: Bumped whenever the tables change; a DB of another version is refused at start.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 class SeriesStateValues(enum.StrEnum):
@@ -122,6 +122,7 @@ _MIGRATIONS = {
             "study_instance_uid, MIN(first_received) FROM series GROUP BY study_instance_uid"
         ),
     ),
+    5: ("ALTER TABLE deliveries ADD COLUMN sending_since REAL",),
 }
 
 _SCHEMA = """
@@ -202,6 +203,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     reason TEXT,
     last_attempt_at REAL,
     delivered_at REAL,
+    sending_since REAL,  -- set while a C-STORE of the file is under way
     UNIQUE (job_id, destination, path)
 );
 CREATE TABLE IF NOT EXISTS delivery_attempts (
@@ -409,6 +411,8 @@ class Delivery:
     reason: str | None
     last_attempt_at: float | None = None
     delivered_at: float | None = None
+    #: When the C-STORE now under way began; set after a crash mid-send until start-up.
+    sending_since: float | None = None
 
 
 class DeliveryAttempt(NamedTuple):
@@ -460,6 +464,7 @@ def _delivery(row: sqlite3.Row) -> Delivery:
         reason=row["reason"],
         last_attempt_at=row["last_attempt_at"],
         delivered_at=row["delivered_at"],
+        sending_since=row["sending_since"],
     )
 
 
@@ -1085,10 +1090,21 @@ class StateDB:
         with self._transaction() as conn:
             self._set_job(conn, job_id, state=JobStateValues.FAILED, reason=reason)
 
-    def mark_job_pending(self, job_id: int, reason: str | None = None) -> None:
+    def mark_job_pending(
+        self, job_id: int, reason: str | None = None, *, never_started: bool = False
+    ) -> None:
         """Put a job back in line for dispatch (recovery, timeouts); a job a newer
-        version has replaced is superseded instead, as it would only be withdrawn."""
+        version has replaced is superseded instead, as it would only be withdrawn.
+
+        A job that ``never_started`` (queued when its worker was lost) gets back the
+        attempt its dispatch counted: only runs count towards ``worker.max_attempts``,
+        or a few worker restarts would fail jobs that waited in the queue.
+        """
         with self._transaction() as conn:
+            if never_started:
+                conn.execute(
+                    "UPDATE jobs SET attempts = MAX(attempts - 1, 0) WHERE id = ?", (job_id,)
+                )
             row = conn.execute("SELECT superseded_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
             if row is not None and row["superseded_by"] is not None:
                 self._set_job(
@@ -1376,6 +1392,44 @@ class StateDB:
                     )
         return True
 
+    def begin_sending(self, delivery_id: int) -> None:
+        """Note that a C-STORE of the delivery's file starts now (see
+        :meth:`settle_interrupted_deliveries`)."""
+        with self._transaction() as conn:
+            conn.execute(
+                "UPDATE deliveries SET sending_since = ? WHERE id = ?", (time.time(), delivery_id)
+            )
+
+    def settle_interrupted_deliveries(self) -> list[Delivery]:
+        """Deliveries whose C-STORE was under way when the node stopped, each recorded as
+        an interrupted attempt and due again now; for start-up.
+
+        The destination may have stored such a file and answered after the node died, so
+        the next send can be a second copy of the same SOP Instance (C-STORE has no way
+        to ask); the attempt's reason says so, and the caller logs them.
+        """
+        now = time.time()
+        reason = (
+            "the node stopped while sending this file; the destination may already hold "
+            "it, and it is sent again"
+        )
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT * FROM deliveries WHERE sending_since IS NOT NULL AND state = ?",
+                (DeliveryStateValues.PENDING,),
+            ).fetchall()
+            for row in rows:
+                conn.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, "
+                    "reason = ?, last_attempt_at = ?, sending_since = NULL WHERE id = ?",
+                    (now, reason, row["sending_since"], row["id"]),
+                )
+                self._record_attempt(conn, row["id"], row["sending_since"], "retry", reason)
+            conn.execute(
+                "UPDATE deliveries SET sending_since = NULL WHERE sending_since IS NOT NULL"
+            )
+        return [_delivery(row) for row in rows]
+
     def mark_delivery_done(self, delivery_id: int) -> None:
         self._finish_delivery(delivery_id, DeliveryStateValues.DELIVERED, None)
 
@@ -1387,7 +1441,7 @@ class StateDB:
         with self._transaction() as conn:
             conn.execute(
                 "UPDATE deliveries SET attempts = attempts + 1, next_attempt_at = ?, reason = ?, "
-                "last_attempt_at = ? WHERE id = ?",
+                "last_attempt_at = ?, sending_since = NULL WHERE id = ?",
                 (next_attempt_at, reason, now, delivery_id),
             )
             self._record_attempt(conn, delivery_id, now, "retry", reason)
@@ -1401,7 +1455,7 @@ class StateDB:
         with self._transaction() as conn:
             conn.execute(
                 "UPDATE deliveries SET state = ?, reason = ?, attempts = attempts + 1, "
-                "last_attempt_at = ?, delivered_at = ? WHERE id = ?",
+                "last_attempt_at = ?, delivered_at = ?, sending_since = NULL WHERE id = ?",
                 (state, reason, now, delivered, delivery_id),
             )
             self._record_attempt(conn, delivery_id, now, str(state), reason)

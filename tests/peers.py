@@ -36,6 +36,7 @@ __all__ = [
     "STORESCU",
     "Orthanc",
     "StoreSCP",
+    "acknowledged_files",
     "build_storescu_command",
     "dciodvfy_errors",
     "dcmtk_env",
@@ -855,6 +856,19 @@ def run_storescu(
             timeout=timeout,
             check=check,
         )
+
+
+def acknowledged_files(storescu_log: str) -> list[Path]:
+    """Files ``storescu -v`` reports as stored with a Success response, in order."""
+    acknowledged: list[Path] = []
+    current: Path | None = None
+    for line in storescu_log.splitlines():
+        if "Sending file:" in line:
+            current = Path(line.split("Sending file:", 1)[1].strip())
+        elif "Received Store Response (Success)" in line and current is not None:
+            acknowledged.append(current)
+            current = None
+    return acknowledged
 
 
 def dciodvfy_errors(path: Path | str) -> list[str]:

@@ -16,7 +16,14 @@ from node.state import JobStateValues, SeriesRecord, SeriesStateValues, StateDB
 from tests.dicom_factory import write_broken_file
 from tests.integration.conftest import ct_node_config, make_phantom_series
 from tests.node_process import NODE_AE_TITLE, NodeProcess
-from tests.peers import STORESCU, StoreSCP, dcmtk_env, run_storescu, wait_for
+from tests.peers import (
+    STORESCU,
+    StoreSCP,
+    acknowledged_files,
+    dcmtk_env,
+    run_storescu,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.serial]
 
@@ -132,7 +139,7 @@ def test_sigkill_mid_ingest_loses_no_acknowledged_instance(
         node.kill()
         assert sender.wait(60) != 0, "storescu finished before the kill; nothing was tested"
 
-    acknowledged = _acknowledged_files(log.read_text())
+    acknowledged = acknowledged_files(log.read_text())
     assert 10 <= len(acknowledged) < len(list(cranium_dir.glob("*.dcm")))
     node.start()
     recorded = _recorded_sop_uids(node)
@@ -146,19 +153,6 @@ def test_sigkill_mid_ingest_loses_no_acknowledged_instance(
         dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in cranium_dir.glob("*.dcm")
     }
     assert _referenced_by_seg(destination.wait_for_files(2)) == all_uids
-
-
-def _acknowledged_files(storescu_log: str) -> list[Path]:
-    """Files storescu -v reports as stored with a Success response."""
-    acknowledged: list[Path] = []
-    current: Path | None = None
-    for line in storescu_log.splitlines():
-        if "Sending file:" in line:
-            current = Path(line.split("Sending file:", 1)[1].strip())
-        elif "Received Store Response (Success)" in line and current is not None:
-            acknowledged.append(current)
-            current = None
-    return acknowledged
 
 
 @pytest.mark.parametrize("victim", ["node", "worker"])

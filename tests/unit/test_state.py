@@ -242,6 +242,7 @@ def test_a_schema_3_db_is_brought_to_the_current_schema_in_place(tmp_path: Path)
         old.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
     old.execute("DROP TABLE delivery_attempts")
     old.execute("DROP TABLE studies")
+    old.execute("ALTER TABLE deliveries DROP COLUMN sending_since")
     old.execute("PRAGMA user_version = 3")
     old.commit()
     old.close()
@@ -265,7 +266,7 @@ def test_a_schema_3_db_is_brought_to_the_current_schema_in_place(tmp_path: Path)
     assert [tuple(row) for row in studies] == [(STUDY, None, 1.0)]
     db.close()
     version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
 
 
 def test_unmatched_series_is_ignored_with_reason(db: StateDB) -> None:
@@ -319,6 +320,35 @@ def test_job_lifecycle_to_delivered(db: StateDB) -> None:
     assert tries[0].at <= tries[1].at == first.delivered_at
 
 
+def test_a_send_cut_by_a_crash_is_recorded_and_due_again(db: StateDB) -> None:
+    """A C-STORE under way when the node died is an attempt that may have reached the
+    destination; start-up records it so and makes the file due again. Files whose send
+    finished (acknowledged or postponed) are not touched."""
+    job_id = _job(db, ["pacs"])
+    db.mark_job_queued(job_id, "task-1", _request(job_id))
+    files = [Path("/r/seg.dcm"), Path("/r/sr.dcm"), Path("/r/sc.dcm")]
+    db.record_results(job_id, OK, {"pacs": files})
+    done, cut, postponed = db.deliveries(job_id)
+    for delivery in (done, cut, postponed):
+        db.begin_sending(delivery.id)
+    db.mark_delivery_done(done.id)
+    db.postpone_delivery(postponed.id, next_attempt_at=10**11, reason="refused")
+    # ... and here the node is killed, then started again:
+    (interrupted,) = db.settle_interrupted_deliveries()
+    assert (interrupted.id, interrupted.path) == (cut.id, files[1])
+    assert interrupted.sending_since is not None
+    assert db.settle_interrupted_deliveries() == []  # once only
+    after = {d.id: d for d in db.deliveries(job_id)}
+    assert all(d.sending_since is None for d in after.values())
+    assert (after[cut.id].state, after[cut.id].attempts) == (DeliveryStateValues.PENDING, 1)
+    assert after[cut.id].last_attempt_at == interrupted.sending_since
+    assert [d.id for d in db.due_deliveries(now=10**10)] == [cut.id]
+    (attempt,) = db.delivery_attempts(cut.id)
+    assert attempt.outcome == "retry"
+    assert attempt.reason is not None
+    assert "destination may already hold it" in attempt.reason
+
+
 def test_series_record_when_they_completed_and_were_routed(db: StateDB) -> None:
     _receive(db, "1.1", at=100.0)
     record = db.series(SERIES)
@@ -352,6 +382,22 @@ def test_failed_delivery_fails_the_job_with_reason_and_retry_resets(db: StateDB)
     assert (retried.started_at, retried.results_at) == (None, None)
     assert db.deliveries(job_id) == []
     assert db.delivery_attempts(delivery.id) == []  # gone with its delivery
+
+
+def test_a_requeued_job_that_never_started_keeps_its_attempts(db: StateDB) -> None:
+    job_id = _job(db, ["pacs"])
+    for _ in range(5):  # five worker restarts while it waits in the queue
+        db.mark_job_queued(job_id, "task-1", _request(job_id))
+        db.mark_job_pending(job_id, "requeued after the worker was restarted", never_started=True)
+    job = db.job(job_id)
+    assert job is not None
+    assert (job.state, job.attempts) == (JobStateValues.PENDING, 0)
+    db.mark_job_queued(job_id, "task-2", _request(job_id))
+    db.mark_job_running(job_id)
+    db.mark_job_pending(job_id, "requeued after the worker was restarted")
+    job = db.job(job_id)
+    assert job is not None
+    assert job.attempts == 1  # a run counts
 
 
 def test_retry_refuses_unknown_and_running_jobs(db: StateDB) -> None:
