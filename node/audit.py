@@ -69,10 +69,18 @@ def _code(code: tuple[str, str]) -> dict[str, str]:
 
 
 def Participant(
-    user_id: str, address: str | None = None, *, requestor: bool, role: str | None = None
+    user_id: str,
+    address: str | None = None,
+    *,
+    requestor: bool,
+    role: str | None = None,
+    user_name: str | None = None,
 ) -> dict[str, Any]:
-    """An ActiveParticipant: an AE title (or a console client) and its address."""
+    """An ActiveParticipant: an AE title (or a console client), its address, and its
+    TLS certificate's subject as UserName when it has one."""
     participant: dict[str, Any] = {"UserID": user_id, "UserIsRequestor": requestor}
+    if user_name:
+        participant["UserName"] = user_name
     if address:
         participant["NetworkAccessPointID"] = address
         participant["NetworkAccessPointTypeCode"] = 2  # IP address

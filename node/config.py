@@ -200,6 +200,44 @@ class Peer(_Frozen):
     max_associations: int | None = Field(default=None, ge=1)
     """Associations this peer may hold at once (besides ``node.max_associations``);
     one more is rejected (transient, local limit)."""
+    certificate_subject: str | None = None
+    """Pin: the peer's TLS certificate must have this subject, in RFC 4514 form as
+    ``openssl x509 -noout -subject -nameopt RFC2253`` prints it (``CN=ct1,O=Hospital``)."""
+    certificate_sha256: str | None = None
+    """Pin: the SHA-256 fingerprint of the peer's TLS certificate, hex (colons allowed),
+    as ``openssl x509 -noout -fingerprint -sha256`` prints it."""
+
+    @field_validator("certificate_subject")
+    @classmethod
+    def _subject_is_rfc4514(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from cryptography import x509  # only a config that pins pays the import
+
+        try:
+            return x509.Name.from_rfc4514_string(value.removeprefix("subject=")).rfc4514_string()
+        except ValueError:
+            raise ValueError(
+                "certificate_subject must be an RFC 4514 name, upper-case attribute types "
+                f"and no spaces after the commas, e.g. 'CN=ct1,O=Hospital'; found {value!r}"
+            ) from None
+
+    @field_validator("certificate_sha256")
+    @classmethod
+    def _fingerprint_is_hex(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        digits = value.split("=")[-1].replace(":", "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digits):
+            raise ValueError(
+                "certificate_sha256 must be 64 hex digits (colons allowed), as "
+                f"'openssl x509 -noout -fingerprint -sha256' prints it; found {value!r}"
+            )
+        return digits
+
+    @property
+    def pins_certificate(self) -> bool:
+        return self.certificate_subject is not None or self.certificate_sha256 is not None
 
     @field_validator("host")
     @classmethod
@@ -416,10 +454,16 @@ class Config(_Frozen):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
-        """Rules must name destinations that exist, and each rule name is used once; one
-        line per problem, each starting with its YAML path (see ``_format_errors``).
+        """Rules must name destinations that exist, and each rule name is used once; a
+        peer pins a certificate only with TLS on. One line per problem, each starting with its YAML path (see ``_format_errors``).
         Models are checked once the models folder is known (:func:`model_problems`)."""
         problems: list[str] = []
+        for index, peer in enumerate(self.peers):
+            if peer.pins_certificate and self.node.tls is None:
+                problems.append(
+                    f"peers[{index}]: {peer.ae_title} pins a TLS certificate, but node.tls "
+                    "is not set (only a TLS peer has one)"
+                )
         seen: set[str] = set()
         for index, rule in enumerate(self.rules):
             where = f"rules[{index}]"

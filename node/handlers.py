@@ -42,6 +42,7 @@ from node.disk_guard import DiskGuard
 from node.metrics import ReceiveCounters
 from node.spool import InvalidUIDError, Spool, check_uid
 from node.state import ReceiptValues, StateDB, StudyInfo
+from node.tls import certificate_mismatch, peer_certificate, subject_of
 from workers.dicom_encoding import LONG_LENGTH_VRS
 
 __all__ = [
@@ -89,6 +90,11 @@ def _calling_ae_title(event: Event) -> str:
     return calling_ae or str(requestor.ae_title).strip()
 
 
+def _tls_subject(event: Event) -> str | None:
+    """The subject of the requestor's TLS certificate (RFC 4514), for the audit trail."""
+    return subject_of(peer_certificate(event.assoc))
+
+
 def _calling_peer(event: Event, config: Config) -> tuple[str, str, Peer | None]:
     """The calling AE title, its address, and the peer entry that both match."""
     calling_ae = _calling_ae_title(event)
@@ -112,29 +118,33 @@ class ScpReports:
     counters: ReceiveCounters | None = None
     audit: AuditLog | None = None
 
-    def _participants(self, calling_ae: str, host: str) -> list[dict[str, object]]:
+    def _participants(
+        self, calling_ae: str, host: str, tls_subject: str | None
+    ) -> list[dict[str, object]]:
         return [
-            Participant(calling_ae, host, requestor=True),
+            Participant(calling_ae, host, requestor=True, user_name=tls_subject),
             Participant(self.ae_title, requestor=False),
         ]
 
-    def accepted(self, calling_ae: str, host: str) -> None:
+    def accepted(self, calling_ae: str, host: str, tls_subject: str | None = None) -> None:
         if self.counters is not None:
             self.counters.associations.labels(calling_ae, "accepted").inc()
         if self.audit is not None:
             self.audit.record(
                 USER_AUTHENTICATION, event_type=LOGIN,
-                participants=self._participants(calling_ae, host),
+                participants=self._participants(calling_ae, host, tls_subject),
             )  # fmt: skip
 
-    def rejected(self, calling_ae: str, host: str, reason: str) -> None:
+    def rejected(
+        self, calling_ae: str, host: str, reason: str, tls_subject: str | None = None
+    ) -> None:
         if self.counters is not None:
             self.counters.associations.labels(calling_ae, "rejected").inc()
         if self.audit is not None:
             self.audit.record(
                 USER_AUTHENTICATION, event_type=LOGIN, outcome=MINOR_FAILURE,
                 description=f"association rejected: {reason}",
-                participants=self._participants(calling_ae, host),
+                participants=self._participants(calling_ae, host, tls_subject),
             )  # fmt: skip
 
     def tls_refused(self, host: str, reason: str) -> None:
@@ -177,7 +187,7 @@ class CompletionOnRelease:
         association."""
         calling_ae, host, peer = _calling_peer(event, self.config)
         if reports is not None:
-            reports.accepted(calling_ae, host)
+            reports.accepted(calling_ae, host, _tls_subject(event))
         if peer is not None and peer.complete_on_release:
             with self._lock:
                 self._carried[id(event.assoc)] = set()
@@ -221,7 +231,9 @@ def report_rejection(event: Event, reports: ScpReports) -> None:
     """EVT_REJECTED: pynetdicom refused an association (wrong called AE title, too many
     associations)."""
     reason = "refused by the SCP (a called AE title not ours, or too many associations)"
-    reports.rejected(_calling_ae_title(event), event.assoc.requestor.address, reason)
+    reports.rejected(
+        _calling_ae_title(event), event.assoc.requestor.address, reason, _tls_subject(event)
+    )
 
 
 def _open_associations(event: Event, peer: Peer) -> int:
@@ -247,12 +259,17 @@ def handle_association_request(
     event: Event, config: Config, reports: ScpReports | None = None
 ) -> None:
     """Reject associations from peers that config.yaml does not list (AE title + host),
-    and one more than a peer's ``max_associations``."""
+    whose TLS certificate is not the one their entry pins, and one more than a peer's
+    ``max_associations``."""
     calling_ae, host, peer = _calling_peer(event, config)
     if peer is None and config.accept_unknown_peers:
         return
+    certificate = peer_certificate(event.assoc)
     if peer is None:
         reason = "unknown peer"
+        rejection = (_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
+    elif (mismatch := certificate_mismatch(certificate, peer)) is not None:
+        reason = mismatch
         rejection = (_REJECT_PERMANENT, _SOURCE_SERVICE_USER, _CALLING_AE_NOT_RECOGNISED)
     elif peer.max_associations is not None and (
         _open_associations(event, peer) > peer.max_associations
@@ -262,7 +279,7 @@ def handle_association_request(
     else:
         return
     if reports is not None:
-        reports.rejected(calling_ae, host, reason)
+        reports.rejected(calling_ae, host, reason, subject_of(certificate))
     assoc = event.assoc
     logger.warning(
         "rejected association from %s at %s: %s",

@@ -5,7 +5,9 @@ allow TLS 1.2 and 1.3 only, and for TLS 1.2 only the BCP 195 recommended suites
 (ECDHE or DHE key exchange, AES-GCM or ChaCha20-Poly1305); TLS 1.3's suites are all
 AEAD already. Peers are authenticated by the configured trust anchors
 (``ca_certificates``), not by host name: hospital peers are configured by IP address.
-After the handshake a peer is still checked against ``peers:`` by AE title and address.
+After the handshake a peer is still checked against ``peers:`` by AE title and address,
+and against the certificate subject or fingerprint its entry pins
+(:func:`certificate_mismatch`).
 :func:`tls_problems` is what ``pacsnode check-config`` reports of the files.
 """
 
@@ -15,9 +17,20 @@ import datetime
 import ssl
 from pathlib import Path
 
-from node.config import ClientTls, NodeTls
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from pynetdicom.association import Association
 
-__all__ = ["client_context", "server_context", "tls_problems"]
+from node.config import ClientTls, NodeTls, Peer
+
+__all__ = [
+    "certificate_mismatch",
+    "client_context",
+    "peer_certificate",
+    "server_context",
+    "subject_of",
+    "tls_problems",
+]
 
 #: BCP 195 (RFC 9325) recommended TLS 1.2 cipher suites, in OpenSSL's names.
 _BCP195_TLS12_SUITES = (
@@ -74,6 +87,38 @@ def client_context(settings: ClientTls) -> ssl.SSLContext:
     if settings.certificate is not None and settings.private_key is not None:
         context.load_cert_chain(settings.certificate, settings.private_key)
     return context
+
+
+def peer_certificate(assoc: Association) -> x509.Certificate | None:
+    """The certificate the requestor of ``assoc`` presented; None over plain DICOM or
+    when it sent none (``require_client_certificate: false``)."""
+    connection = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    if not isinstance(connection, ssl.SSLSocket):
+        return None
+    der = connection.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def subject_of(certificate: x509.Certificate | None) -> str | None:
+    """The certificate's subject in RFC 4514 form (``CN=ct1,O=Hospital``), as pins and
+    the audit trail write it."""
+    return None if certificate is None else certificate.subject.rfc4514_string()
+
+
+def certificate_mismatch(certificate: x509.Certificate | None, peer: Peer) -> str | None:
+    """Why ``certificate`` is not the one ``peer`` pins (subject, SHA-256 fingerprint);
+    None when it is, or when the entry pins nothing."""
+    if not peer.pins_certificate:
+        return None
+    if certificate is None:
+        return "no TLS certificate, and its peer entry pins one"
+    subject = subject_of(certificate)
+    if peer.certificate_subject is not None and subject != peer.certificate_subject:
+        return f"TLS certificate subject {subject!r} is not the pinned {peer.certificate_subject!r}"
+    fingerprint = certificate.fingerprint(hashes.SHA256()).hex()
+    if peer.certificate_sha256 is not None and fingerprint != peer.certificate_sha256:
+        return f"TLS certificate SHA-256 fingerprint {fingerprint} is not the pinned one"
+    return None
 
 
 def _certificate_problem(path: Path, now: datetime.datetime) -> str | None:

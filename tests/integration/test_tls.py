@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from pydicom import dcmread
 from pydicom.filebase import DicomBytesIO
 
@@ -33,9 +35,11 @@ def _tls_args(party: Issued | None, ca: Issued) -> list[str]:
     return [*identity, "+cf", str(ca.certificate)]
 
 
-def _echo(port: int, extra: list[str]) -> subprocess.CompletedProcess[str]:
+def _echo(
+    port: int, extra: list[str], calling_ae: str = "SCANNER"
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["/usr/bin/echoscu", "-aet", "SCANNER", "-aec", NODE_AE_TITLE, *extra, "127.0.0.1", str(port)],
+        ["/usr/bin/echoscu", "-aet", calling_ae, "-aec", NODE_AE_TITLE, *extra, "127.0.0.1", str(port)],
         env=dcmtk_env(), capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
 
@@ -60,6 +64,12 @@ def test_a_study_goes_in_and_results_go_out_over_mutual_tls(
             "ca_certificates": str(ca.certificate),
             "plain_port": plain_port,
         }
+        # SCANNER must show its own certificate; PINNED pins another one's fingerprint.
+        config["peers"] = [
+            {"ae_title": "SCANNER", "host": "127.0.0.1", "certificate_subject": "CN=scanner"},
+            {"ae_title": "PINNED", "host": "127.0.0.1", "certificate_sha256": _sha256(pacs)},
+            {"ae_title": "LEGACY", "host": "127.0.0.1"},
+        ]
         config["destinations"]["pacs"]["tls"] = {
             "ca_certificates": str(ca.certificate),
             "certificate": str(node_cert.certificate),
@@ -86,8 +96,7 @@ def test_a_study_goes_in_and_results_go_out_over_mutual_tls(
                 assert echo.returncode != 0, (name, echo.stdout + echo.stderr)
             log = node.log()
             assert log.count("refused a TLS connection from 127.0.0.1") >= 3, log[-3000:]
-            audit = (node.data_dir / "audit" / "audit.jsonl").read_text().splitlines()
-            alerts = [json.loads(line) for line in audit if '"110113"' in line]
+            alerts = [json.loads(line) for line in _audit(node) if '"110113"' in line]
             assert len(alerts) >= 3
             assert all(
                 a["EventTypeCode"][0]["originalText"] == "Node Authentication" for a in alerts
@@ -99,7 +108,40 @@ def test_a_study_goes_in_and_results_go_out_over_mutual_tls(
             # a client that connected to the TLS port says nothing.
             with socket.create_connection(("127.0.0.1", node.port)):
                 assert _echo(node.port, _tls_args(scanner, ca)).returncode == 0
-            assert _echo(plain_port, []).returncode == 0
+            assert _echo(plain_port, [], "LEGACY").returncode == 0
+
+            # Pins: a trusted certificate that is not the pinned one, and a pinned peer
+            # on the plain port, are rejected as unknown, naming why.
+            assert _echo(node.port, _tls_args(scanner, ca), "PINNED").returncode != 0
+            assert _echo(plain_port, []).returncode != 0
+            assert _echo(node.port, _tls_args(pacs, ca), "PINNED").returncode == 0
+            log = node.log()
+            assert re.search(
+                r"rejected association from PINNED at 127\.0\.0\.1: TLS certificate SHA-256 "
+                r"fingerprint [0-9a-f]{64} is not the pinned one",
+                log,
+            ), log[-3000:]
+            assert "rejected association from SCANNER at 127.0.0.1: no TLS certificate" in log
+            logins = [json.loads(line) for line in _audit(node) if '"110122"' in line]
+            by_outcome = {
+                (entry["EventOutcomeIndicator"], entry["ActiveParticipant"][0]["UserID"],
+                 entry["ActiveParticipant"][0].get("UserName"))
+                for entry in logins
+            }  # fmt: skip
+            assert {(0, "SCANNER", "CN=scanner"), (4, "PINNED", "CN=scanner"),
+                    (4, "SCANNER", None), (0, "PINNED", "CN=pacs"),
+                    (0, "LEGACY", None)} <= by_outcome  # fmt: skip
+
+
+def _sha256(party: Issued) -> str:
+    """The certificate's SHA-256 fingerprint as openssl prints it (colons, upper case)."""
+    der = party.certificate.read_text()
+    digest = x509.load_pem_x509_certificate(der.encode()).fingerprint(hashes.SHA256())
+    return ":".join(f"{byte:02X}" for byte in digest)
+
+
+def _audit(node: NodeProcess) -> list[str]:
+    return (node.data_dir / "audit" / "audit.jsonl").read_text().splitlines()
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from node.cli import main
-from node.config import Config, ConfigError, HttpSettings, load_config
+from node.config import Config, ConfigError, HttpSettings, Peer, load_config
 
 GIB = 1024**3
 
@@ -68,6 +68,9 @@ def test_config_is_frozen(tmp_path: Path) -> None:
         ({"node": {"ae_title": "  "}}, r": node\.ae_title: AE title must not be empty"),
         ({"peers": [{"ae_title": "CT1", "host": "scanner.local"}]}, r": peers\[0\]\.host: peer host must be an IP address"),
         ({"destinations": {"pacs": {"ae_title": "P", "host": "1.2.3.4"}}}, r": destinations\.pacs\.port: Field required"),
+        ({"peers": [{"ae_title": "CT1", "host": "10.0.0.1", "certificate_subject": "CN=ct1, O=H"}]}, r": peers\[0\]\.certificate_subject: certificate_subject must be an RFC 4514 name"),
+        ({"peers": [{"ae_title": "CT1", "host": "10.0.0.1", "certificate_sha256": "AB:CD"}]}, r": peers\[0\]\.certificate_sha256: certificate_sha256 must be 64 hex digits"),
+        ({"peers": [{"ae_title": "CT1", "host": "10.0.0.1", "certificate_subject": "CN=ct1"}]}, r": peers\[0\]: CT1 pins a TLS certificate, but node\.tls is not set"),
         ({"completion": {"quiet_seconds": 0}}, r": completion\.quiet_seconds: Input should be greater than 0"),
         ({"broker": "amqp://x"}, r": broker: broker must be 'embedded' or a redis:// URL"),
         (
@@ -102,6 +105,17 @@ def test_each_error_names_its_path(tmp_path: Path, data: dict[str, Any], expecte
     with pytest.raises(ConfigError, match=expected) as info:
         load_config(_write(tmp_path, data))
     assert len(info.value.errors) == 1, info.value.errors
+
+
+def test_certificate_pins_are_normalised() -> None:
+    """Pins as openssl prints them: ``subject=`` and a colon-separated upper-case hex."""
+    peer = Peer(
+        ae_title="CT1", host="10.0.0.1",
+        certificate_sha256="sha256 Fingerprint=" + ":".join(["AB"] * 32),
+        certificate_subject="subject=CN=ct1,O=General Hospital",
+    )  # fmt: skip
+    assert peer.certificate_sha256 == "ab" * 32
+    assert peer.certificate_subject == "CN=ct1,O=General Hospital"
 
 
 def test_several_errors_are_all_reported(tmp_path: Path) -> None:
