@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
 from node.audit import AuditLog
@@ -32,6 +32,11 @@ _VERIFICATION = "1.2.840.10008.1.1"
 _SUCCESS_OR_WARNING = {0x0000, 0x0001, 0xB000, 0xB006, 0xB007}
 _OUT_OF_RESOURCES_MASK = 0xFF00
 _OUT_OF_RESOURCES = 0xA700
+
+
+# send_c_store(path) streams the file's dataset as written, in chunks, instead of
+# decoding it and encoding it again (a 300-slice SEG is tens of MB): see _store.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ class Sender:
         try:
             for index, delivery in enumerate(deliveries):
                 self.db.begin_sending(delivery.id)
-                failure = self._store(assoc, delivery.path)
+                failure = self._store(assoc, delivery.path, headers[delivery.id])
                 if failure is None:
                     self.db.mark_delivery_done(delivery.id)
                     self._audit(headers[delivery.id], name)
@@ -167,10 +172,16 @@ class Sender:
                 assoc.release()
         return delivered
 
-    def _store(self, assoc: Association, path: Path) -> _Outcome | None:
-        dataset = dcmread(path)
+    def _store(self, assoc: Association, path: Path, header: Dataset) -> _Outcome | None:
+        """C-STORE one file: as written when the destination accepted its transfer
+        syntax, else decoded for pynetdicom to convert (e.g. to Implicit VR)."""
+        syntax = header.file_meta.TransferSyntaxUID
+        as_written = any(
+            context.abstract_syntax == header.SOPClassUID and context.transfer_syntax == [syntax]
+            for context in assoc.accepted_contexts
+        )
         try:
-            status = assoc.send_c_store(dataset)
+            status = assoc.send_c_store(path if as_written else dcmread(path))
         except ValueError as exc:  # no accepted presentation context for this SOP class
             return _Outcome(False, f"refused: {exc}")
         if "Status" not in status:
