@@ -76,11 +76,10 @@ class _Histogram:
         self.counts: dict[tuple[str, ...], list[int]] = {}
         self.sums: dict[tuple[str, ...], float] = {}
 
-    def observe(self, labels: tuple[str, ...], seconds: float, sign: int = 1) -> None:
-        """Add an observation (``sign`` -1: take one back)."""
+    def observe(self, labels: tuple[str, ...], seconds: float) -> None:
         counts = self.counts.setdefault(labels, [0] * (len(STAGE_BUCKETS) + 1))
-        counts[bisect.bisect_left(STAGE_BUCKETS, seconds)] += sign
-        self.sums[labels] = self.sums.get(labels, 0.0) + sign * seconds
+        counts[bisect.bisect_left(STAGE_BUCKETS, seconds)] += 1
+        self.sums[labels] = self.sums.get(labels, 0.0) + seconds
 
     def family(self, name: str, documentation: str, label_names: list[str]) -> Metric:
         family = HistogramMetricFamily(name, documentation, labels=label_names)
@@ -95,25 +94,29 @@ class _Histogram:
 
 #: The times of the jobs in ``{ids}`` (the first parameter: the delivered state).
 _STAGE_TIMES = (
-    "SELECT j.id, j.updated_at, j.model, s.first_received, s.last_received, s.completed_at, "
+    "SELECT j.id, j.updated_at, j.model, j.state, s.first_received, s.last_received, s.completed_at, "
     "j.dispatched_at, j.started_at, j.results_at, json_extract(j.result, '$.timings_s') "
     "AS timings, (SELECT MAX(delivered_at) FROM deliveries d WHERE d.job_id = j.id "
     "AND d.state = ?) AS delivered_at FROM jobs j "
     "JOIN series s ON s.series_instance_uid = j.series_instance_uid WHERE j.id IN ({ids})"
 )
 
-_Observation = tuple[tuple[str, str], float]
+#: What retention removed of a counter (state DB ``removed_totals``), added back.
+_REMOVED = "SELECT first, second, count FROM removed_totals WHERE metric = '{metric}'"
 
 
-def _stage_observations(row: Any) -> list[_Observation]:
-    """One job's stage durations, labelled (model, stage)."""
+def _stage_observations(row: Any) -> dict[tuple[str, str], float]:
+    """One job's stage durations so far, labelled (model, stage); the delivery stages
+    once no file of the job is still on its way (until the last one acknowledged)."""
     model = row["model"]
+    settled = row["state"] not in IN_PROGRESS_JOB_STATES  # no file still on its way
+    delivered = row["delivered_at"] if settled else None
     spans = {
         "receive_to_complete": (row["first_received"], row["completed_at"]),
         "complete_to_queued": (row["completed_at"], row["dispatched_at"]),
         "queue_wait": (row["dispatched_at"], row["started_at"]),
-        "results_to_acknowledged": (row["results_at"], row["delivered_at"]),
-        "end_to_end": (row["last_received"], row["delivered_at"]),
+        "results_to_acknowledged": (row["results_at"], delivered),
+        "end_to_end": (row["last_received"], delivered),
     }
     seconds = {
         stage: end - start
@@ -123,7 +126,7 @@ def _stage_observations(row: Any) -> list[_Observation]:
     if row["timings"]:
         timings = json.loads(row["timings"])
         seconds.update((stage, timings[stage]) for stage in WORKER_STAGES if stage in timings)
-    return [((model, stage), value) for stage, value in seconds.items() if value >= 0]
+    return {(model, stage): value for stage, value in seconds.items() if value >= 0}
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -164,8 +167,8 @@ class NodeCollector(Collector):
         self._lock = threading.Lock()
         self._size_lock = threading.Lock()
         self._histogram = _Histogram()
-        #: Job id -> (its updated_at, its observations in the histogram).
-        self._observed: dict[int, tuple[float, list[_Observation]]] = {}
+        #: Job id -> (its updated_at, what the histogram holds of it: stage -> seconds).
+        self._observed: dict[int, tuple[float, dict[tuple[str, str], float]]] = {}
 
     def collect(self) -> Iterator[Metric]:
         yield from self._jobs()
@@ -184,7 +187,10 @@ class NodeCollector(Collector):
             "Jobs not finished, by model and state (pending, queued, running, results_ready).",
             labels=["model", "state"],
         )
-        for row in self.db.select("SELECT model, state, COUNT(*) FROM jobs GROUP BY 1, 2"):
+        for row in self.db.select(
+            "SELECT model, state, SUM(n) FROM (SELECT model, state, COUNT(*) AS n FROM jobs "
+            f"GROUP BY 1, 2 UNION ALL {_REMOVED.format(metric='jobs')}) GROUP BY 1, 2"
+        ):
             family = moving if row[1] in IN_PROGRESS_JOB_STATES else finished
             family.add_metric([row[0], row[1]], row[2])
         yield finished
@@ -198,8 +204,10 @@ class NodeCollector(Collector):
             labels=["destination", "outcome"],
         )
         for row in self.db.select(
-            "SELECT d.destination, a.outcome, COUNT(*) FROM delivery_attempts a "
-            "JOIN deliveries d ON d.id = a.delivery_id GROUP BY 1, 2"
+            "SELECT destination, outcome, SUM(n) FROM (SELECT d.destination AS destination, "
+            "a.outcome AS outcome, COUNT(*) AS n FROM delivery_attempts a JOIN deliveries d "
+            "ON d.id = a.delivery_id GROUP BY 1, 2 UNION ALL "
+            f"{_REMOVED.format(metric='delivery_attempts')}) GROUP BY 1, 2"
         ):
             attempts.add_metric([row[0], row[1]], row[2])
         yield attempts
@@ -208,9 +216,12 @@ class NodeCollector(Collector):
         """Every stage of every dispatched job, as the DB's timestamps and the worker's
         own timings say; a stage not reached is not observed.
 
-        A job's observations are kept from one scrape to the next while its row is
-        unchanged (``updated_at``), so a scrape reads the details of new and changed
-        jobs only: with 10,000 jobs the same answer in a tenth of the time.
+        A job's stages are read again only when its row changed (``updated_at``), so
+        a scrape reads the details of new and changed jobs only: with 10,000 jobs the
+        same answer in a tenth of the time. A stage is observed when it is first seen
+        and again only with another duration (a job dispatched again waits in the queue
+        again); nothing is taken back, not even for a job retention removed, so the
+        histogram never goes down while the node runs.
         """
         with self._lock:
             current = {
@@ -219,22 +230,25 @@ class NodeCollector(Collector):
                     "SELECT id, updated_at FROM jobs WHERE dispatched_at IS NOT NULL"
                 )
             }
-            for job_id, (updated_at, observations) in list(self._observed.items()):
-                if current.get(job_id) != updated_at:
-                    for labels, seconds in observations:
-                        self._histogram.observe(labels, seconds, -1)
-                    del self._observed[job_id]
-            new = [job_id for job_id in current if job_id not in self._observed]
-            for start in range(0, len(new), 500):
-                chunk = new[start : start + 500]
+            for job_id in self._observed.keys() - current.keys():
+                del self._observed[job_id]
+            changed = [
+                job_id
+                for job_id, updated_at in current.items()
+                if job_id not in self._observed or self._observed[job_id][0] != updated_at
+            ]
+            for start in range(0, len(changed), 500):
+                chunk = changed[start : start + 500]
                 for row in self.db.select(
                     _STAGE_TIMES.format(ids=", ".join("?" for _ in chunk)),
                     (DeliveryStateValues.DELIVERED, *chunk),
                 ):
-                    observations = _stage_observations(row)
-                    for labels, seconds in observations:
-                        self._histogram.observe(labels, seconds)
-                    self._observed[row["id"]] = (row["updated_at"], observations)
+                    seen = self._observed.get(row["id"], (0.0, {}))[1]
+                    stages = _stage_observations(row)
+                    for labels, seconds in stages.items():
+                        if seen.get(labels) != seconds:
+                            self._histogram.observe(labels, seconds)
+                    self._observed[row["id"]] = (row["updated_at"], {**seen, **stages})
             return self._histogram.family(
                 "pacsnode_stage_seconds",
                 "Seconds each stage took, per model: receive_to_complete (first instance to "

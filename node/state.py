@@ -99,6 +99,20 @@ class DeliveryStateValues(enum.StrEnum):
     FAILED = "failed"
 
 
+#: Add a study's jobs and delivery attempts to ``removed_totals`` (retention).
+_REMOVED_TOTALS = tuple(
+    "INSERT INTO removed_totals (metric, first, second, count) " + select + " GROUP BY 2, 3 "
+    "ON CONFLICT (metric, first, second) DO UPDATE SET count = count + excluded.count"
+    for select in (
+        "SELECT 'jobs', model, state, COUNT(*) FROM jobs WHERE study_instance_uid = ?",
+        (
+            "SELECT 'delivery_attempts', d.destination, a.outcome, COUNT(*) FROM "
+            "delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id "
+            "JOIN jobs j ON j.id = d.job_id WHERE j.study_instance_uid = ?"
+        ),
+    )
+)
+
 #: Changes that bring a DB of an older schema to :data:`SCHEMA_VERSION` in place.
 _MIGRATIONS = {
     3: (
@@ -213,6 +227,15 @@ CREATE TABLE IF NOT EXISTS delivery_attempts (
     reason TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_by_delivery ON delivery_attempts (delivery_id);
+-- What retention removed, so that /metrics' counters never go down: the jobs by (model,
+-- final state) and the delivery attempts by (destination, outcome) of removed studies.
+CREATE TABLE IF NOT EXISTS removed_totals (
+    metric TEXT NOT NULL,  -- jobs or delivery_attempts
+    first TEXT NOT NULL,
+    second TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (metric, first, second)
+);
 CREATE INDEX IF NOT EXISTS series_by_study ON series (study_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs (study_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -1380,6 +1403,8 @@ class StateDB:
                 (study_instance_uid,),
             )
             if records:
+                for removed in _REMOVED_TOTALS:
+                    conn.execute(removed, (study_instance_uid,))
                 # Attempts go with their deliveries (ON DELETE CASCADE).
                 conn.execute(
                     "DELETE FROM deliveries WHERE job_id IN "

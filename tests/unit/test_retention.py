@@ -7,10 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from node.cli import main
-from node.config import RetentionSettings
+from node.config import RetentionSettings, StorageSettings
+from node.disk_guard import DiskGuard
 from node.dispatch import results_dir
+from node.health import BrokerProbe
+from node.metrics import NodeCollector
 from node.retention import apply_removal, plan_cleanup, run_cleanup
 from node.spool import Spool
 from node.state import JobStateValues, PlannedJob, StateDB
@@ -167,6 +172,56 @@ def test_retention_removes_inputs_results_and_records_by_age_and_keeps_busy_stud
     # The spool still writes into folders retention removed (its cached folders).
     path = node.receive("1.1", "1.1.1.9")
     assert path.is_file()
+
+
+def _counters(registry: CollectorRegistry) -> dict[tuple[str, tuple[str, ...]], float]:
+    """The job and delivery counters and the stage histograms' counts, by labels."""
+    wanted = {
+        "pacsnode_jobs_total",
+        "pacsnode_delivery_attempts_total",
+        "pacsnode_stage_seconds_count",
+    }
+    return {
+        (sample.name, tuple(sorted(sample.labels.values()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+        if sample.name in wanted
+    }
+
+
+def test_metrics_counters_do_not_go_down_when_retention_removes_records(node: Node) -> None:
+    """Prometheus reads a counter that goes down as a restart; retention's removals are
+    kept in the state DB (jobs, delivery attempts) and the histogram keeps what it saw."""
+    node.study("1.1", "delivered")
+    node.study("1.2", "failed")
+    registry = CollectorRegistry()
+    collector = NodeCollector(
+        node.db, DiskGuard(node.data_dir, StorageSettings()),
+        BrokerProbe(None, "redis://127.0.0.1:1/0"), {},
+    )  # fmt: skip
+    registry.register(collector)
+    before = _counters(registry)
+    assert before[("pacsnode_jobs_total", ("ct-tissue", "delivered"))] == 1
+    assert before[("pacsnode_jobs_total", ("ct-tissue", "failed"))] == 1
+    assert before[("pacsnode_delivery_attempts_total", ("failed", "pacs"))] == 1
+    assert before[("pacsnode_stage_seconds_count", ("ct-tissue", "end_to_end"))] == 1
+    assert before[("pacsnode_stage_seconds_count", ("ct-tissue", "queue_wait"))] == 2
+
+    done = run_cleanup(node.db, node.spool, node.data_dir, SETTINGS, now=time.time() + 91 * DAY)
+    assert {r.what for r in done} >= {"records"}
+    assert node.db.select("SELECT COUNT(*) FROM jobs")[0][0] == 0
+    assert _counters(registry) == before
+    # A new study's job counts on top.
+    node.study("1.3", "delivered")
+    after = _counters(registry)
+    assert after[("pacsnode_jobs_total", ("ct-tissue", "delivered"))] == 2
+    assert after[("pacsnode_stage_seconds_count", ("ct-tissue", "end_to_end"))] == 2
+    # After a restart the counters still hold the removed jobs and attempts.
+    restarted = CollectorRegistry()
+    restarted.register(NodeCollector(node.db, collector.disk_guard, collector.probe, {}))
+    again = _counters(restarted)
+    assert again[("pacsnode_jobs_total", ("ct-tissue", "failed"))] == 1
+    assert again[("pacsnode_delivery_attempts_total", ("failed", "pacs"))] == 1
 
 
 def test_a_study_active_again_after_planning_is_not_touched(node: Node) -> None:
