@@ -16,12 +16,13 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "QUEUES",
     "Accepts",
     "ClassSpec",
     "ClassificationModel",
@@ -31,10 +32,17 @@ __all__ = [
     "Model",
     "ModelError",
     "OrientationValues",
+    "Queue",
     "SegmentationModel",
     "Volume",
     "orientation_of",
 ]
+
+
+#: The Celery queues a model runs on: ``gpu`` (a worker with a GPU takes it first) or
+#: ``cpu``.
+Queue = Literal["gpu", "cpu"]
+QUEUES: tuple[Queue, ...] = get_args(Queue)
 
 
 @dataclass(frozen=True)
@@ -252,7 +260,7 @@ class Model(abc.ABC):
     name: ClassVar[str]
     version: ClassVar[str]
     task: ClassVar[Literal["segmentation", "classification"]]
-    queue: ClassVar[Literal["gpu", "cpu"]] = "cpu"
+    queue: ClassVar[Queue] = "cpu"
     algorithm_family: ClassVar[Code] = Code("123110", "DCM", "Artificial Intelligence")
     accepts: ClassVar[Accepts] = Accepts()
     input_kind: ClassVar[InputKindValues] = InputKindValues.VOLUME

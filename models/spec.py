@@ -24,6 +24,7 @@ from models.base import (
     InputKindValues,
     LabelSpec,
     OrientationValues,
+    Queue,
 )
 
 __all__ = [
@@ -196,7 +197,7 @@ class ModelSpec(_Strict):
     version: str | None = Field(default=None, min_length=1)
     task: Literal["segmentation", "classification"] = "segmentation"
     input: InputKindValues = InputKindValues.VOLUME
-    queue: Literal["gpu", "cpu"] = "gpu"
+    queue: Queue = "gpu"
     accepts: AcceptsSpec = Field(default_factory=AcceptsSpec)
     preprocessing: PreprocessingSpec = Field(default_factory=PreprocessingSpec)
     inference: InferenceSpec = Field(default_factory=InferenceSpec)

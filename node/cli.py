@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from models.base import QUEUES
 from node.config import Config, ConfigError, load_config
 from node.state import JobStateValues
 
@@ -605,7 +606,9 @@ def _parser() -> argparse.ArgumentParser:
         "run", "run the node (SCP, pipeline, sender; embedded Redis and worker)"
     ).set_defaults(handler=_cmd_run)
     worker = with_config("worker", "run a Celery worker for model jobs")
-    worker.add_argument("--queue", default="gpu,cpu", help="queues to consume (comma-separated)")
+    worker.add_argument(
+        "--queue", default=",".join(QUEUES), help="queues to consume (comma-separated)"
+    )
     worker.set_defaults(handler=_cmd_worker)
     check = commands.add_parser("check-config", help="validate a config file (exit 2 if invalid)")
     check.add_argument("file", type=Path, nargs="?", default=default_config)

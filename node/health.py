@@ -20,6 +20,7 @@ from typing import Any
 import redis
 from kombu.exceptions import KombuError
 
+from models.base import QUEUES
 from node.disk_guard import DiskGuard
 from node.state import JobStateValues, StateDB
 from workers.lease import redis_client
@@ -33,8 +34,6 @@ PROBE_SECONDS = 2.0
 _PING_TIMEOUT = 1.0
 #: A worker that answered within this long is alive.
 _ALIVE_SECONDS = 5.0
-#: The queues pacsnode's models use (models.base.SegmentationModel.queue).
-QUEUES = ("gpu", "cpu")
 #: Kombu's Redis transport keeps tasks of other priorities in lists named with these.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 

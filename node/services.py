@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from models.base import QUEUES
 from node.config import Config
 
 __all__ = ["EmbeddedRedis", "WorkerProcess", "broker_url", "find_redis_server"]
@@ -165,7 +166,7 @@ def _terminate(process: subprocess.Popen[bytes], timeout: float, name: str) -> N
 class WorkerProcess:
     """One ``pacsnode worker`` child, restarted by :meth:`check` if it dies."""
 
-    def __init__(self, config_path: Path, queues: str = "gpu,cpu") -> None:
+    def __init__(self, config_path: Path, queues: str = ",".join(QUEUES)) -> None:
         self.config_path = config_path
         self.queues = queues
         self.process: subprocess.Popen[bytes] | None = None
