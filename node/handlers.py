@@ -522,7 +522,6 @@ def handle_store(
                 sop_class_uid, sop_instance_uid, str(event.context.transfer_syntax)
             ),
             dataset=received,
-            stored_sha256=db.stored_sha256(sop_instance_uid),
         )
         receipt = db.record_instance(
             sop_instance_uid=sop_instance_uid,

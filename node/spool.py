@@ -121,13 +121,12 @@ class Spool:
         sop_instance_uid: str,
         file_meta: bytes,
         dataset: memoryview | bytes,
-        stored_sha256: str | None = None,
     ) -> SpooledFile:
         """Write preamble, file meta and dataset; return the file once durable.
 
-        When ``stored_sha256`` (what the state DB recorded for the instance) equals the
-        digest of these bytes and their file is there, nothing is written: an identical
-        re-send. Other bytes of the same instance go to a file of their own.
+        A file's name holds (the first 64 bits of) the digest of its bytes, so when the
+        file for these bytes is there (only a complete, fsynced file gets its name),
+        nothing is written: an identical re-send. Other bytes of the same instance go to a file of their own.
 
         Raises
         ------
@@ -143,7 +142,7 @@ class Spool:
         final = self.path_for(study_instance_uid, series_instance_uid, sop_instance_uid, sha256)
         spooled = SpooledFile(final, len(head) + memoryview(dataset).nbytes, sha256)
         temporary = self.incoming / f"{uuid.uuid4().hex}.part"
-        if spooled.sha256 == stored_sha256 and final.is_file():
+        if final.is_file():
             return spooled  # an identical re-send: the durable copy is already there
         try:
             fd = os.open(temporary, _CREATE_FLAGS, 0o666)

@@ -728,13 +728,6 @@ class StateDB:
         )
         return False
 
-    def stored_sha256(self, sop_instance_uid: str) -> str | None:
-        """The digest recorded for an instance, or None if it was never received."""
-        rows = self._query(
-            "SELECT sha256 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)
-        )
-        return str(rows[0]["sha256"]) if rows else None
-
     def known_sop_instance_uids(self) -> set[str]:
         return {row[0] for row in self._query("SELECT sop_instance_uid FROM instances")}
 

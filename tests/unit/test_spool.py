@@ -103,10 +103,10 @@ def test_identical_resend_is_not_written_again_and_a_changed_one_has_its_own_fil
     uids = {"study_instance_uid": "1.2", "series_instance_uid": "1.2.3", "sop_instance_uid": "1.4"}
     first = spool.write(**uids, file_meta=b"META", dataset=b"DATA")
     inode = first.path.stat().st_ino
-    again = spool.write(**uids, file_meta=b"META", dataset=b"DATA", stored_sha256=first.sha256)
+    again = spool.write(**uids, file_meta=b"META", dataset=b"DATA")
     assert again == first
     assert first.path.stat().st_ino == inode  # untouched
-    changed = spool.write(**uids, file_meta=b"META", dataset=b"ATAD", stored_sha256=first.sha256)
+    changed = spool.write(**uids, file_meta=b"META", dataset=b"ATAD")
     assert changed.sha256 != first.sha256
     assert changed.path.parent == first.path.parent
     assert changed.path != first.path
