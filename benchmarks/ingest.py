@@ -78,9 +78,11 @@ STORESCU_TIMEOUT_SECONDS = 600.0
 PACSNODE_START_SECONDS = 120.0
 PACSNODE_STOP_SECONDS = 30.0
 PACSNODE_SETTLE_SECONDS = 120.0
-# pacsnode counts as settled after two windows in a row below this much CPU.
+# pacsnode counts as settled after two windows in a row below this much CPU: its worker
+# imports on a whole core; idle, the node, Redis and the worker use about a tenth of one
+# (the broker probe's pings, the accept and event loops).
 SETTLE_WINDOW_SECONDS = 0.5
-SETTLE_MAX_CPU_FRACTION = 0.05
+SETTLE_MAX_CPU_FRACTION = 0.25
 CASES = ("plain", "tls", "concurrent")
 TOOLS = ("storescp", "orthanc", "pacsnode")
 

@@ -191,10 +191,18 @@ class Node:
         fingerprints = model_fingerprints()
         if fingerprints != self.fingerprints and self.worker is not None:
             logger.info("model files changed: restarting the worker")
+            pid = self.worker.pid
             self.worker.stop()
             self.worker.start()
-            self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
+            self._worker_replaced(pid)
         self.fingerprints = fingerprints
+
+    def _worker_replaced(self, pid: int | None) -> None:
+        """The embedded worker ``pid`` died or was restarted: it no longer counts as
+        alive (readiness waits for its successor's answer), and its jobs go back in line."""
+        if pid is not None:
+            self.probe.forget_worker(pid)
+        self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         logger.info("received %s; stopping", signal.Signals(signum).name)
@@ -304,8 +312,10 @@ class Node:
             route_complete_studies(
                 self.db, self.config.rules, rerun_late=self.rerun_late, on_routed=self._received
             )
-            if self.worker is not None and self.worker.check():
-                self.dispatcher.requeue_unfinished("requeued after the worker was restarted")
+            if self.worker is not None:
+                pid = self.worker.pid
+                if self.worker.check():
+                    self._worker_replaced(pid)
             self.dispatcher.dispatch_pending()
             if self.dispatcher.collect():
                 self.wake_sender.set()

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import redis
@@ -29,11 +29,13 @@ __all__ = ["BrokerProbe", "BrokerView", "readiness"]
 
 logger = logging.getLogger(__name__)
 
-#: How often the probe asks the broker, and how long a ping waits for answers.
-PROBE_SECONDS = 2.0
+#: How often the probe asks the broker, and how long a ping waits for answers. A ping
+#: wakes every worker; every few seconds is enough for a readiness probe (the node's
+#: own worker is forgotten the moment it exits: BrokerProbe.forget_worker).
+PROBE_SECONDS = 5.0
 _PING_TIMEOUT = 1.0
-#: A worker that answered within this long is alive.
-_ALIVE_SECONDS = 5.0
+#: A worker that answered within this long is alive (two pings may go unanswered).
+_ALIVE_SECONDS = 12.0
 #: Kombu's Redis transport keeps tasks of other priorities in lists named with these.
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 
@@ -70,6 +72,9 @@ class BrokerProbe:
         self.view = BrokerView()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        #: ``-<pid>@`` of worker processes known to have exited (see forget_worker).
+        self._gone: set[str] = set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="broker-probe", daemon=True)
@@ -102,8 +107,25 @@ class BrokerProbe:
                     seen[name] = now
         except (redis.RedisError, KombuError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-        self.view = BrokerView(time.time(), error, seen, depth)
-        return self.view
+        with self._lock:
+            self.view = self._without_gone(BrokerView(time.time(), error, seen, depth))
+            return self.view
+
+    def forget_worker(self, pid: int) -> None:
+        """Worker process ``pid`` (this node's embedded worker) has exited: it is not
+        alive, whatever its last answer; a worker started in its place answers under a
+        name of its own (``pacsnode-<queues>-<pid>@<host>``)."""
+        with self._lock:
+            self._gone.add(f"-{pid}@")
+            self.view = self._without_gone(self.view)
+
+    def _without_gone(self, view: BrokerView) -> BrokerView:
+        seen = {
+            name: at
+            for name, at in view.workers_seen.items()
+            if not any(tag in name for tag in self._gone)
+        }
+        return replace(view, workers_seen=seen)
 
 
 def readiness(

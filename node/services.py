@@ -187,6 +187,11 @@ class WorkerProcess:
         )
         logger.info("started worker (pid %d) on queues %s", self.process.pid, self.queues)
 
+    @property
+    def pid(self) -> int | None:
+        """The running (or last) worker's process ID; its Celery name ends in it."""
+        return None if self.process is None else self.process.pid
+
     def check(self) -> bool:
         """Restart the worker if it died; returns True when it had to."""
         if self.process is None or self.process.poll() is None:

@@ -126,9 +126,14 @@ def test_readyz_names_each_failing_check(harness: Harness) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["failing"] == ["broker", "scp", "workers"]
-    # A worker seen 10 s ago is not alive; one running a job (solo pool) counts.
+    # A worker seen 20 s ago is not alive, nor one the node saw exit (its own worker,
+    # whose name ends in its pid); one running a job (solo pool) counts.
     harness.listening = True
-    harness.probe.view = BrokerView(time.time(), None, {"w@host": time.time() - 10}, {})
+    harness.probe.view = BrokerView(time.time(), None, {"w@host": time.time() - 20}, {})
+    assert client.get("/readyz").json()["failing"] == ["workers"]
+    harness.probe.view = BrokerView(time.time(), None, {"pacsnode-cpu-41@host": time.time()}, {})
+    assert client.get("/readyz").json()["failing"] == []
+    harness.probe.forget_worker(41)
     assert client.get("/readyz").json()["failing"] == ["workers"]
     job_id = harness.queued_job()
     harness.db.mark_job_running(job_id)
