@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
@@ -72,7 +72,8 @@ def _pdus(context_id: int, sop_uid: str, data: bytes, max_pdu: int = 256) -> lis
     request = C_STORE()
     request.MessageID = 1
     request.AffectedSOPClassUID = CT_IMAGE
-    request.AffectedSOPInstanceUID = sop_uid
+    # Past pynetdicom's check: a hostile sender's UID may be malformed or too long.
+    request._affected_sop_instance_uid = UID(sop_uid)
     request.Priority = 2
     request.DataSet = BytesIO(data)
     message = C_STORE_RQ()
