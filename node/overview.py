@@ -337,8 +337,9 @@ def failures(db: StateDB) -> dict[str, Any]:
         "AND j.state != ? ORDER BY d.last_attempt_at DESC LIMIT ?",
         (DeliveryStateValues.FAILED, JobStateValues.CANCELLED, _FAILURES_SHOWN),
     )
+    in_progress = ", ".join("?" for _ in IN_PROGRESS_JOB_STATES)
     moving = db.select(
-        "SELECT (SELECT COUNT(*) FROM jobs WHERE state IN (?, ?, ?, ?)) + "
+        f"SELECT (SELECT COUNT(*) FROM jobs WHERE state IN ({in_progress})) + "
         "(SELECT COUNT(*) FROM deliveries WHERE state = ?)",
         (*IN_PROGRESS_JOB_STATES, DeliveryStateValues.PENDING),
     )[0][0]

@@ -5,10 +5,12 @@ Implicit VR Little Endian) when the destination accepts only another one."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.association import Association
 
 from node.config import Config
 from node.sender import Sender
@@ -18,6 +20,20 @@ from tests.peers import StoreSCP
 from workers.contract import JobOutcome, JobRequest, Manifest, ManifestInstance
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """What the sender handed to each C-STORE: a path (sent as written) or a dataset."""
+    handed: list[object] = []
+    original = Association.send_c_store
+
+    def spy(self: Association, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        handed.append(dataset)
+        return original(self, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(Association, "send_c_store", spy)
+    return handed
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -53,7 +69,7 @@ def _deliver(tmp_path: Path, destination: StoreSCP, files: list[Path]) -> StateD
     return db
 
 
-def test_files_go_out_as_written(tmp_path: Path) -> None:
+def test_files_go_out_as_written(tmp_path: Path, sent: list[object]) -> None:
     files = sorted(make_phantom_series(tmp_path / "ct", "SEND1").glob("*.dcm"))[:3]
     with StoreSCP() as destination:
         db = _deliver(tmp_path, destination, files)
@@ -63,12 +79,15 @@ def test_files_go_out_as_written(tmp_path: Path) -> None:
             (copy,) = [p for p in received if p.name.endswith(uid)]
             assert dcmread(copy).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
             assert _dataset_bytes(copy) == _dataset_bytes(path)
+    assert sent == files  # each streamed from its file (in order), not decoded
     (job,) = db.jobs()
     assert job.state == JobStateValues.DELIVERED
     assert all(d.sending_since is None for d in db.deliveries(job.id))
 
 
-def test_a_destination_without_the_files_syntax_gets_them_converted(tmp_path: Path) -> None:
+def test_a_destination_without_the_files_syntax_gets_them_converted(
+    tmp_path: Path, sent: list[object]
+) -> None:
     files = sorted(make_phantom_series(tmp_path / "ct", "SEND2").glob("*.dcm"))[:2]
     with StoreSCP(extra_args=["+xi"]) as destination:  # Implicit VR Little Endian only
         db = _deliver(tmp_path, destination, files)
@@ -79,5 +98,7 @@ def test_a_destination_without_the_files_syntax_gets_them_converted(tmp_path: Pa
             assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
             assert copy.PixelData == source.PixelData
             assert copy.PatientID == source.PatientID
+    assert len(sent) == 2
+    assert all(isinstance(dataset, Dataset) for dataset in sent)  # decoded to convert
     (job,) = db.jobs()
     assert [d.state for d in db.deliveries(job.id)] == [DeliveryStateValues.DELIVERED] * 2
