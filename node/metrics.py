@@ -40,7 +40,7 @@ __all__ = ["STAGE_BUCKETS", "NodeCollector", "ReceiveCounters"]
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 #: The worker's own stages (workers.pipeline: JobOutcome.timings_s); preprocess,
 #: network and postprocess are the parts of inference a network model reports.
-WORKER_STAGES = ("verify", "load", "inference", "preprocess", "network", "postprocess", "results")
+WORKER_STAGES = ("load", "inference", "preprocess", "network", "postprocess", "results")
 #: Folder sizes are walked at most this often (a walk of a large spool takes a while).
 _SIZE_CACHE_SECONDS = 60.0
 
@@ -252,8 +252,8 @@ class NodeCollector(Collector):
             return self._histogram.family(
                 "pacsnode_stage_seconds",
                 "Seconds each stage took, per model: receive_to_complete (first instance to "
-                "complete), complete_to_queued, queue_wait, the worker's verify, load, "
-                "inference (of which preprocess, network, postprocess for a network model) "
+                "complete), complete_to_queued, queue_wait, the worker's load (read, check "
+                "against the manifest, decode), inference (of which preprocess, network, postprocess for a network model) "
                 "and results, results_to_acknowledged (last delivery) and "
                 "end_to_end (last instance to last delivery acknowledged).",
                 ["model", "stage"],

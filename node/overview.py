@@ -195,7 +195,7 @@ def _study(row: Any) -> dict[str, Any]:
 def timeline(db: StateDB, job: Job) -> list[dict[str, Any]]:
     """A job's stages in order, each with when it started and how long it took: the
     series received and falling quiet, routing, the queue, the worker's own stages
-    (verify, load, inference, results), and delivery until the last acknowledgement.
+    (start, load, model, write), and delivery until the last acknowledgement.
     Stages not reached yet are left out."""
     series = db.series(job.series_instance_uid)
     delivered = db.select(
@@ -213,7 +213,7 @@ def timeline(db: StateDB, job: Job) -> list[dict[str, Any]]:
     outcome = job.result
     worker = outcome.stages_at if outcome is not None else {}
     if worker:
-        points += [("verify", job.started_at)] if job.started_at else []
+        points += [("start", job.started_at)] if job.started_at else []
         points += [
             (stage, worker[stage]) for stage in ("load", "model", "write") if stage in worker
         ]

@@ -8,6 +8,7 @@ Pure functions called by the Celery task; no Celery here, so tests call them dir
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,18 +28,19 @@ from models.base import (
     Volume,
 )
 from models.registry import get_model
-from workers.contract import JobOutcome, JobRequest, Manifest, ResultInstance, file_digest
+from workers.contract import JobOutcome, JobRequest, Manifest, ResultInstance
 from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
 from workers.overlays import KeyImage, build_overlay_images, key_images
 from workers.rejection import build_rejection_note
 from workers.seg import SegmentInfo, build_seg, plan_segments, write_seg
 from workers.seg_check import SegPlacementError, check_seg_placement
 from workers.series import (
+    FileReader,
     LoadedSeries,
     SeriesError,
     load_images,
     load_series,
-    owned_cores,
+    read_file,
     resample_onto,
 )
 from workers.sr import SegmentMeasurement, build_classification_sr, build_sr, measure_segments
@@ -46,7 +48,7 @@ from workers.stages import JobStages, job_stages
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
-__all__ = ["ManifestError", "run_job", "verify_manifest", "write_segmentation_results"]
+__all__ = ["ManifestError", "manifest_reader", "run_job", "write_segmentation_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,42 +64,38 @@ def _failed(job_id: int, reason: str) -> JobOutcome:
     return JobOutcome.failed(reason)
 
 
-def _digest_or_error(path: Path) -> tuple[int, str] | OSError:
-    try:
-        return file_digest(path)
-    except OSError as exc:
-        return exc
+def manifest_reader(manifest: Manifest) -> FileReader:
+    """A reader of the manifest's files for :func:`workers.series.load_series`: it
+    returns a file's bytes only if they are exactly those recorded for it, so the job
+    decodes exactly its input, read once.
 
-
-def verify_manifest(manifest: Manifest) -> list[Path]:
-    """The files of the job's own series, after checking that every file of the
-    manifest (other inputs' too) holds exactly the bytes recorded for it.
-
-    Raises
-    ------
-    ManifestError
-        If a file is missing or its size or SHA-256 differs (the instance was re-sent
-        with other content after the job was created; a newer version covers that).
+    The reader raises :class:`ManifestError` if a file is missing or its size or SHA-256
+    differs (the instance was re-sent with other content after the job was created; a
+    newer version covers that), or is not in the manifest at all.
     """
-    instances = manifest.all_instances
-    with ThreadPoolExecutor(max_workers=owned_cores()) as pool:  # hashlib frees the GIL
-        digests = list(pool.map(_digest_or_error, (Path(i.path) for i in instances)))
-    paths = []
-    for instance, digest in zip(instances, digests, strict=True):
-        path = Path(instance.path)
-        if isinstance(digest, OSError):
+    expected = {Path(i.path): i for i in manifest.all_instances}
+
+    def read(path: Path) -> bytes:
+        instance = expected.get(path)
+        if instance is None:
+            raise ManifestError(f"{path} is not an input of the job")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
             raise ManifestError(
                 f"instance {instance.sop_instance_uid} of the job's input is missing "
-                f"({path}: {digest.strerror or digest})"
-            ) from digest
-        if digest != (instance.size, instance.sha256):
+                f"({path}: {exc.strerror or exc})"
+            ) from exc
+        # hashlib releases the GIL: the loader's other threads parse meanwhile.
+        if len(data) != instance.size or hashlib.sha256(data).hexdigest() != instance.sha256:
             raise ManifestError(
                 f"instance {instance.sop_instance_uid} changed after the job was created "
                 "(re-sent with other content); the job's results would not match its "
                 "input, so it does not run (a newer version covers the new content)"
             )
-        paths.append(path)
-    return paths[: len(manifest.instances)]  # the job's own (reference) series
+        return data
+
+    return read
 
 
 def _result(ds: Dataset, path: Path) -> ResultInstance:
@@ -163,14 +161,10 @@ def run_job(request: JobRequest) -> JobOutcome:
     Each step runs in its stage (:mod:`workers.stages`), so that an overlapping worker
     loads the next job and writes the previous one while this one has the model.
     """
+    paths = [Path(i.path) for i in request.manifest.instances]
     with job_stages() as stages:
         stages.enter("load")
         started = time.perf_counter()
-        try:
-            paths = verify_manifest(request.manifest)
-        except ManifestError as exc:
-            return _failed(request.job_id, str(exc))
-        verified = time.perf_counter() - started
         model = get_model(request.model)
         if isinstance(model, ClassificationModel):
             outcome = _classify(request, model, paths, stages)
@@ -194,7 +188,7 @@ def run_job(request: JobRequest) -> JobOutcome:
     waits = {f"wait for {stage}": seconds for stage, seconds in stages.waited_s.items()}
     return outcome.model_copy(
         update={
-            "timings_s": {"verify": verified, **outcome.timings_s, **waits, "total": total},
+            "timings_s": {**outcome.timings_s, **waits, "total": total},
             "stages_at": {**stages.entered, "done": time.time()},
         }
     )
@@ -241,16 +235,17 @@ def _segment(
     the request names."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
+    read = manifest_reader(request.manifest)
     try:
-        series = load_series(paths)
+        series = load_series(paths, read)
         volume, other_inputs = series.volume, list[LoadedSeries]()
         if model.inputs:
             others = {
                 other.name: [Path(i.path) for i in other.instances]
                 for other in request.manifest.other_inputs
             }
-            volume, other_inputs = stack_inputs(series, others, model)
-    except SeriesError as exc:
+            volume, other_inputs = stack_inputs(series, others, model, read)
+    except (ManifestError, SeriesError) as exc:
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 
@@ -303,11 +298,14 @@ def _segment(
 
 
 def stack_inputs(
-    reference: LoadedSeries, other_inputs: Mapping[str, Iterable[Path]], model: SegmentationModel
+    reference: LoadedSeries,
+    other_inputs: Mapping[str, Iterable[Path]],
+    model: SegmentationModel,
+    read: FileReader = read_file,
 ) -> tuple[Volume, list[LoadedSeries]]:
-    """A multi-series model's input: each input series loaded and resampled onto the
-    reference series' grid, stacked as channels in the model's input order; and the
-    series other than the reference (the SR lists them).
+    """A multi-series model's input: each input series loaded (its files read by
+    ``read``) and resampled onto the reference series' grid, stacked as channels in the
+    model's input order; and the series other than the reference (the SR lists them).
 
     Raises
     ------
@@ -316,7 +314,7 @@ def stack_inputs(
     """
     loaded = {str(model.reference_input): reference}
     for name, paths in other_inputs.items():
-        loaded[name] = load_series(paths)
+        loaded[name] = load_series(paths, read)
     missing = [name for name in model.inputs if name not in loaded]
     if missing:
         raise SeriesError(f"the job has no series for input(s) {', '.join(missing)}")
@@ -468,12 +466,13 @@ def _classify(
     """Series (or each image of it) -> class probabilities -> SR (+ rejection notes)."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
+    read = manifest_reader(request.manifest)
     try:
         if model.input_kind == InputKindValues.IMAGE:
-            sources = load_images(paths)
+            sources = load_images(paths, read)
         else:
-            sources = [load_series(paths)]
-    except SeriesError as exc:
+            sources = [load_series(paths, read)]
+    except (ManifestError, SeriesError) as exc:
         return _failed(request.job_id, str(exc))
     timings["load"] = time.perf_counter() - mark
 

@@ -9,8 +9,10 @@ re-running a job rebuilds the same object.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -166,6 +168,22 @@ def _check_inputs(series: LoadedSeries, label_map: npt.NDArray[np.integer]) -> N
         raise ValueError("label_map must not hold negative values.")
 
 
+def _segment_numbers(
+    label_map: npt.NDArray[np.integer], values: list[int]
+) -> npt.NDArray[np.integer]:
+    """``label_map`` with segment numbers 1, 2, ... in place of ``values``, as uint8 below
+    256 segments (what highdicom takes); ``label_map`` itself where it holds them."""
+    dtype = np.uint8 if len(values) < 256 else np.uint16
+    if values == list(range(1, len(values) + 1)) and label_map.dtype == dtype:
+        return label_map
+    lut = np.zeros(int(label_map.max(initial=0)) + 1, dtype=dtype)
+    for number, value in enumerate(values, start=1):
+        if value < lut.size:
+            lut[value] = number
+    numbers: npt.NDArray[np.integer] = lut[label_map]
+    return numbers
+
+
 def _derive_dimension_organization_uid(seg: Dataset, uids: ResultUids, variant: SegVariant) -> None:
     """Replace highdicom's random DimensionOrganizationUID by one derived from the job.
 
@@ -284,26 +302,19 @@ def build_seg(
         for info in segments
     ]
 
-    # Label values -> consecutive segment numbers (label-map style array for highdicom);
-    # nothing to do in the usual case of labels 1..n all present.
-    if all(info.label_value == info.segment_number for info in segments) and (
-        label_map.dtype == np.uint8 or (label_map.dtype == np.uint16 and len(segments) >= 256)
-    ):
-        pixel_array = label_map
-    else:
-        lut = np.zeros(
-            int(label_map.max(initial=0)) + 1, dtype=np.uint8 if len(segments) < 256 else np.uint16
+    # Label values -> consecutive segment numbers: pacsnode's writer maps them frame by
+    # frame; highdicom is given a label-map-sized copy holding segment numbers.
+    values = [info.label_value for info in segments]
+    if with_highdicom:
+        build: Callable[..., Dataset] = functools.partial(
+            hd.seg.Segmentation, pixel_array=_segment_numbers(label_map, values)
         )
-        for info in segments:
-            if info.label_value < lut.size:
-                lut[info.label_value] = info.segment_number
-        pixel_array = lut[label_map]
+    else:
+        build = functools.partial(build_segmentation, pixel_array=label_map, segment_values=values)
 
     variant = SegVariant(seg_type=seg_type, omit_empty_frames=omit_empty_frames)
-    build = hd.seg.Segmentation if with_highdicom else build_segmentation
     seg = build(
         source_images=list(series.datasets),
-        pixel_array=pixel_array,
         segmentation_type=(
             hd.seg.SegmentationTypeValues.BINARY
             if seg_type == "binary"

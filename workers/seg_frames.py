@@ -75,6 +75,7 @@ def build_segmentation(
     *,
     segmentation_type: hd.seg.SegmentationTypeValues,
     omit_empty_frames: bool,
+    segment_values: Sequence[int] | None = None,
     **kwargs: Any,
 ) -> Dataset:
     """What ``highdicom.seg.Segmentation(source_images, pixel_array, ...)`` builds and
@@ -88,12 +89,18 @@ def build_segmentation(
         Single-frame images of one series, ``source_images[k]`` under plane ``k``.
     pixel_array
         Segment numbers (0: background), uint8 or uint16, shape (planes, rows,
-        columns); every value a described segment.
+        columns); every value a described segment. With ``segment_values``, any
+        non-negative integers instead.
     segmentation_type
         BINARY or LABELMAP.
     omit_empty_frames
         As highdicom's: leave out frames without a pixel of their segment (all frames
         are kept when the whole array is empty).
+    segment_values
+        The value in ``pixel_array`` of segment 1, 2, ... (a model's label values, which
+        need not be consecutive; 0 is background, and no other value may occur): the
+        SEG is the one of ``pixel_array`` mapped to segment numbers, without making
+        that map-sized copy. None: ``pixel_array`` holds segment numbers.
     **kwargs
         highdicom's other arguments (segment descriptions, UIDs, equipment, ...); the
         transfer syntax is Explicit VR Little Endian.
@@ -113,9 +120,10 @@ def build_segmentation(
         raise ValueError("SEG frames are encoded here in Explicit VR Little Endian only")
     _check_one_series(source_images)
     pixel_array = np.ascontiguousarray(pixel_array)  # frames are written from its memory
+    numbering = _Numbering(pixel_array, segment_values)
     template = hd.seg.Segmentation(
         source_images=source_images[:1],
-        pixel_array=pixel_array[:1],
+        pixel_array=numbering.segment_numbers(pixel_array[:1]),
         segmentation_type=segmentation_type,
         omit_empty_frames=False,
         **kwargs,
@@ -168,8 +176,9 @@ def build_segmentation(
     encodings = dataset_encodings(seg)
     cache: ElementCache = {}
     frame_items, frames = _frames(
-        pixel_array, source_images, positions, templates, planes, binary, omit, encodings, cache
-    )
+        pixel_array, numbering, source_images, positions, templates, planes, binary, omit,
+        encodings, cache,
+    )  # fmt: skip
     seg[_PER_FRAME] = raw_sequence(_PER_FRAME, b"".join(frame_items))
     seg.NumberOfFrames = len(frame_items)
     dtype = np.uint8 if int(seg.BitsAllocated) <= 8 else np.uint16
@@ -199,8 +208,36 @@ def _check_one_series(source_images: Sequence[Dataset]) -> None:
             raise ValueError("Source images must have a shared orientation.")
 
 
+class _Numbering:
+    """Which value of the label map stands for which segment number."""
+
+    def __init__(
+        self, pixel_array: npt.NDArray[np.integer], segment_values: Sequence[int] | None
+    ) -> None:
+        self.values = None if segment_values is None else list(segment_values)
+        self._lut: npt.NDArray[np.integer] | None = None
+        if self.values is None:
+            return
+        count = len(self.values)
+        dtype = np.uint8 if count < 256 else np.uint16  # what highdicom is given
+        if self.values != list(range(1, count + 1)) or pixel_array.dtype != dtype:
+            if min(self.values, default=1) <= 0:
+                raise ValueError(f"segment values must be positive, got {self.values}")
+            self._lut = np.zeros(max(self.values, default=0) + 1, dtype=dtype)
+            self._lut[self.values] = np.arange(1, count + 1)
+
+    def value_of(self, segment: int) -> int:
+        """The label map's value of segment number ``segment``."""
+        return segment if self.values is None else self.values[segment - 1]
+
+    def segment_numbers(self, planes: npt.NDArray[np.integer]) -> npt.NDArray[np.integer]:
+        """``planes`` with segment numbers in place of the label map's values."""
+        return planes if self._lut is None else self._lut[planes]
+
+
 def _frames(
     pixel_array: npt.NDArray[np.integer],
+    numbering: _Numbering,
     source_images: Sequence[Dataset],
     positions: Sequence[hd.PlanePositionSequence],
     templates: list[Dataset],
@@ -252,11 +289,13 @@ def _frames(
         for dimension_index, k in enumerate(planes, start=1):
             frame = pixel_array[k]
             if binary:
-                frame = frame == segment
+                frame = frame == numbering.value_of(segment)
                 if packed:  # whole bytes: pack now, and look for a set bit in 1/8 of it
                     frame = np.packbits(frame, bitorder="little")
                 if omit and not frame.any():
                     continue
+            else:
+                frame = numbering.segment_numbers(frame)
             frames.append(frame)
             index = encode_ul(_DIMENSION_INDEX_VALUES, [*leading, dimension_index])
             frame_content = encode_sequence(

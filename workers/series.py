@@ -5,16 +5,19 @@ headers are checked to form one regular stack of slices, the slices are sorted a
 the slice normal, and the pixel data is decoded (in parallel) and rescaled to float32
 (HU for CT). :func:`load_images` makes one single-slice volume per instance, for models
 that look at projection images (CR, DX, MG) one at a time; those need no patient
-geometry.
+geometry. Both read each file once, through a ``read`` function the caller may give: a
+job's reader checks the bytes against its manifest, so the bytes checked are the bytes
+decoded.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,15 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from models.base import Volume
 
-__all__ = ["LoadedSeries", "SeriesError", "load_images", "load_series", "resample_onto"]
+__all__ = [
+    "FileReader",
+    "LoadedSeries",
+    "SeriesError",
+    "load_images",
+    "load_series",
+    "read_file",
+    "resample_onto",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +81,27 @@ def _name(ds: Dataset) -> str:
     return str(ds.filename) if isinstance(ds.filename, str) else "<in-memory dataset>"
 
 
-def _read(path: Path, *, geometry: bool = True) -> Dataset:
-    """Read one file; the pixel data stays undecoded. ``geometry``: the patient-space
-    attributes a volume needs must be present."""
+#: Reads one input file whole (and may check its bytes first).
+FileReader = Callable[[Path], bytes]
+
+
+def read_file(path: Path) -> bytes:
+    """A file's bytes, or a :class:`SeriesError` naming it."""
     try:
-        ds = dcmread(path)
+        return path.read_bytes()
+    except OSError as e:
+        raise SeriesError(f"{path}: cannot be read ({e.strerror or e})") from e
+
+
+def _read(path: Path, read: FileReader = read_file, *, geometry: bool = True) -> Dataset:
+    """Parse one file as ``read`` returns it; the pixel data stays undecoded.
+    ``geometry``: the patient-space attributes a volume needs must be present."""
+    data = read(path)
+    try:
+        ds = dcmread(BytesIO(data))
     except Exception as e:  # any parse failure means the file is unusable
         raise SeriesError(f"{path}: unreadable or truncated DICOM file ({e})") from e
+    ds.filename = str(path)  # error messages name the file
     if "PixelData" not in ds:
         raise SeriesError(f"{path}: no PixelData (not an image, or the file is truncated)")
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
@@ -232,13 +257,16 @@ def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
     return pixels
 
 
-def load_series(paths: Iterable[Path]) -> LoadedSeries:
+def load_series(paths: Iterable[Path], read: FileReader = read_file) -> LoadedSeries:
     """Read, sort, check and decode a series.
 
     Parameters
     ----------
     paths
         One file per slice, in any order.
+    read
+        Reads a file whole; whatever it raises (other than :class:`SeriesError`, a
+        file that cannot be read) propagates.
 
     Returns
     -------
@@ -258,7 +286,7 @@ def load_series(paths: Iterable[Path]) -> LoadedSeries:
         raise SeriesError(f"a volume needs at least 2 slices; the series has {len(files)}")
 
     with ThreadPoolExecutor(max_workers=owned_cores()) as pool:
-        datasets = list(pool.map(_read, files))
+        datasets = list(pool.map(lambda path: _read(path, read), files))
         _check_consistent(datasets)
         row, col, normal = _directions(datasets[0])
         ordered, slice_spacing = _sort_and_space(datasets, normal)
@@ -346,13 +374,15 @@ def _image_volume(ds: Dataset, pixels: npt.NDArray[np.float32]) -> Volume:
     )
 
 
-def load_images(paths: Iterable[Path]) -> list[LoadedSeries]:
+def load_images(paths: Iterable[Path], read: FileReader = read_file) -> list[LoadedSeries]:
     """Read and decode each instance on its own, as a one-slice volume.
 
     Parameters
     ----------
     paths
         One file per image (CR, DX, MG, or any single-frame greyscale image).
+    read
+        As :func:`load_series`'s.
 
     Returns
     -------
@@ -370,7 +400,7 @@ def load_images(paths: Iterable[Path]) -> list[LoadedSeries]:
     if not files:
         raise SeriesError("the series has no instances")
     with ThreadPoolExecutor(max_workers=owned_cores()) as pool:
-        datasets = list(pool.map(lambda path: _read(path, geometry=False), files))
+        datasets = list(pool.map(lambda path: _read(path, read, geometry=False), files))
         pixels = list(pool.map(_decode_bright_dense, datasets))
     images = []
     for ds, image in zip(datasets, pixels, strict=True):

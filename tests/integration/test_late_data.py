@@ -149,7 +149,7 @@ def test_late_instances_and_resends(
     ).stdout.splitlines()  # fmt: skip
     assert listing[1].split()[:4] == [str(first.id), "1", "delivered", "ct-tissue"]
     assert listing[2].strip() == f"replaced by job {second.id} (newer input)"
-    assert listing[3].strip().startswith("stages: verify ")  # the worker's stage times
+    assert listing[3].strip().startswith("stages: load ")  # the worker's stage times
     assert listing[4].split()[:4] == [str(second.id), "2", "delivered", "ct-tissue"]
 
     # The same 30 again, unchanged: nothing new runs and nothing new is sent.
