@@ -34,6 +34,7 @@ from node.dispatch import Dispatcher
 from node.handlers import ScpReports
 from node.health import BrokerProbe
 from node.metrics import NodeCollector, ReceiveCounters
+from node.preload_hints import PreloadHints
 from node.retention import run_cleanup
 from node.routing import route_complete_studies
 from node.scp import start_scp
@@ -133,6 +134,7 @@ class Node:
             lease_seconds=config.worker.lease_seconds,
         )
         self.dispatcher = Dispatcher(config, self.db, celery_app)
+        self.preload_hints = PreloadHints(self.db, celery_app)
         self.audit = AuditLog(data_dir / "audit", config.audit)
         self.sender = Sender(config, self.db, self.audit)
         #: Set when deliveries may have come due (results recorded), or to stop.
@@ -312,6 +314,7 @@ class Node:
             route_complete_studies(
                 self.db, self.config.rules, rerun_late=self.rerun_late, on_routed=self._received
             )
+            self.preload_hints.send_due(self.config)
             if self.worker is not None:
                 pid = self.worker.pid
                 if self.worker.check():
@@ -336,14 +339,19 @@ class Node:
 
     def _next_tick_in(self) -> float:
         """Seconds until the main loop has work: soon while jobs are in flight, else when
-        the first receiving series falls quiet (at most :data:`_TICK_SECONDS`)."""
+        the first receiving series falls quiet or is due a preload hint (at most
+        :data:`_TICK_SECONDS`)."""
         try:
             if self.db.jobs_in_flight():
                 return _COLLECT_SECONDS
-            deadline = self.db.next_quiet_deadline(self.config.completion.quiet_seconds)
+            deadlines = [
+                self.db.next_quiet_deadline(self.config.completion.quiet_seconds),
+                self.preload_hints.next_due(self.config),
+            ]
         except Exception:
             logger.exception("cannot read the state DB; retrying")
             return _TICK_SECONDS
+        deadline = min((d for d in deadlines if d is not None), default=None)
         if deadline is None:
             return _TICK_SECONDS
         return min(_TICK_SECONDS, max(deadline - time.time() + 0.001, 0.0))

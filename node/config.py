@@ -332,6 +332,10 @@ class WorkerSettings(_Frozen):
     overlap: bool = True
     """Overlap each model's job with the loading of the next and the writing of the
     previous one (three job processes per model slot, :mod:`workers.stages`)."""
+    preload: bool = True
+    """Decode a series while its quiet period runs, so that its job starts with the
+    volume loaded (the node hints the worker once the series is silent for a moment;
+    the worker keeps up to two decoded series in shared memory, :mod:`workers.inputs`)."""
     job_timeout_seconds: float = Field(default=3600.0, gt=0)
     """A job running longer than this is dispatched again (the worker is presumed lost)."""
     lease_seconds: float = Field(default=10.0, ge=1)

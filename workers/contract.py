@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers.outputs import OutputRequest
 
 __all__ = [
+    "PRELOAD",
     "RUN_MODEL",
     "InputSeries",
     "JobOutcome",
@@ -34,6 +35,9 @@ __all__ = [
 
 #: The Celery task that runs one job (:func:`workers.tasks.run_model`).
 RUN_MODEL = "pacsnode.run_model"
+#: The Celery task that decodes a series during its quiet period, ahead of its job
+#: (:func:`workers.tasks.preload_series`, :mod:`workers.inputs`).
+PRELOAD = "pacsnode.preload_series"
 
 
 _SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
@@ -192,6 +196,9 @@ class JobOutcome(_Frozen):
     stages_at: dict[str, float] = Field(default_factory=dict)
     #: Destination -> the rejection note written for it (a file in ``files`` too).
     rejection_notes: dict[str, str] = Field(default_factory=dict)
+    #: The series was decoded during its quiet period, before the job came
+    #: (:mod:`workers.inputs`).
+    preloaded: bool = False
 
     @classmethod
     def failed(cls, reason: str) -> JobOutcome:

@@ -8,7 +8,6 @@ Pure functions called by the Celery task; no Celery here, so tests call them dir
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +27,8 @@ from models.base import (
     Volume,
 )
 from models.registry import get_model
-from workers.contract import JobOutcome, JobRequest, Manifest, ResultInstance
+from workers.contract import JobOutcome, JobRequest, ResultInstance
+from workers.inputs import ManifestError, manifest_reader, take
 from workers.outputs import DEFAULT_SEG, OVERLAY_PREFIX, SR_FILE, OutputRequest
 from workers.overlays import KeyImage, build_overlay_images, key_images
 from workers.rejection import build_rejection_note
@@ -48,54 +48,16 @@ from workers.stages import JobStages, job_stages
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
 
-__all__ = ["ManifestError", "manifest_reader", "run_job", "write_segmentation_results"]
+__all__ = ["run_job", "write_segmentation_results"]
 
 logger = logging.getLogger(__name__)
 
 REJECTION_PREFIX = "rejection-"
 
 
-class ManifestError(Exception):
-    """A file of the job's input is missing or no longer holds the bytes it was given."""
-
-
 def _failed(job_id: int, reason: str) -> JobOutcome:
     logger.warning("job %d failed: %s", job_id, reason, extra={"job_id": job_id})
     return JobOutcome.failed(reason)
-
-
-def manifest_reader(manifest: Manifest) -> FileReader:
-    """A reader of the manifest's files for :func:`workers.series.load_series`: it
-    returns a file's bytes only if they are exactly those recorded for it, so the job
-    decodes exactly its input, read once.
-
-    The reader raises :class:`ManifestError` if a file is missing or its size or SHA-256
-    differs (the instance was re-sent with other content after the job was created; a
-    newer version covers that), or is not in the manifest at all.
-    """
-    expected = {Path(i.path): i for i in manifest.all_instances}
-
-    def read(path: Path) -> bytes:
-        instance = expected.get(path)
-        if instance is None:
-            raise ManifestError(f"{path} is not an input of the job")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ManifestError(
-                f"instance {instance.sop_instance_uid} of the job's input is missing "
-                f"({path}: {exc.strerror or exc})"
-            ) from exc
-        # hashlib releases the GIL: the loader's other threads parse meanwhile.
-        if len(data) != instance.size or hashlib.sha256(data).hexdigest() != instance.sha256:
-            raise ManifestError(
-                f"instance {instance.sop_instance_uid} changed after the job was created "
-                "(re-sent with other content); the job's results would not match its "
-                "input, so it does not run (a newer version covers the new content)"
-            )
-        return data
-
-    return read
 
 
 def _result(ds: Dataset, path: Path) -> ResultInstance:
@@ -235,9 +197,10 @@ def _segment(
     the request names."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
-    read = manifest_reader(request.manifest)
+    read = manifest_reader(request.manifest.all_instances)
     try:
-        series = load_series(paths, read)
+        preloaded = take(request.manifest.instances)
+        series = preloaded or load_series(paths, read)
         volume, other_inputs = series.volume, list[LoadedSeries]()
         if model.inputs:
             others = {
@@ -294,6 +257,7 @@ def _segment(
         measurements=tuple(m.as_dict() for m in measurements),
         timings_s=timings,
         rejection_notes=by_destination,
+        preloaded=preloaded is not None,
     )
 
 
@@ -466,7 +430,7 @@ def _classify(
     """Series (or each image of it) -> class probabilities -> SR (+ rejection notes)."""
     timings: dict[str, float] = {}
     mark = time.perf_counter()
-    read = manifest_reader(request.manifest)
+    read = manifest_reader(request.manifest.all_instances)
     try:
         if model.input_kind == InputKindValues.IMAGE:
             sources = load_images(paths, read)

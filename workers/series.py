@@ -101,7 +101,9 @@ def _read(path: Path, read: FileReader = read_file, *, geometry: bool = True) ->
         ds = dcmread(BytesIO(data))
     except Exception as e:  # any parse failure means the file is unusable
         raise SeriesError(f"{path}: unreadable or truncated DICOM file ({e})") from e
-    ds.filename = str(path)  # error messages name the file
+    # As if read from the file: error messages name it, and the dataset does not keep
+    # the whole file's bytes alive (pydicom holds on to the buffer it read).
+    ds.filename, ds.buffer = str(path), None
     if "PixelData" not in ds:
         raise SeriesError(f"{path}: no PixelData (not an image, or the file is truncated)")
     for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
@@ -257,7 +259,11 @@ def _decode(ds: Dataset) -> npt.NDArray[np.float32]:
     return pixels
 
 
-def load_series(paths: Iterable[Path], read: FileReader = read_file) -> LoadedSeries:
+def load_series(
+    paths: Iterable[Path],
+    read: FileReader = read_file,
+    allocate: Callable[[tuple[int, int, int]], npt.NDArray[np.float32]] | None = None,
+) -> LoadedSeries:
     """Read, sort, check and decode a series.
 
     Parameters
@@ -267,6 +273,9 @@ def load_series(paths: Iterable[Path], read: FileReader = read_file) -> LoadedSe
     read
         Reads a file whole; whatever it raises (other than :class:`SeriesError`, a
         file that cannot be read) propagates.
+    allocate
+        Makes the float32 array of the given shape the volume is decoded into (for
+        example one mapped from a file); None: a new array in memory.
 
     Returns
     -------
@@ -293,7 +302,7 @@ def load_series(paths: Iterable[Path], read: FileReader = read_file) -> LoadedSe
         # Decoded straight into the volume: no list of slices to stack (a copy of the
         # whole volume, and twice the memory).
         shape = (len(ordered), int(ordered[0].Rows), int(ordered[0].Columns))
-        voxels = np.empty(shape, dtype=np.float32)
+        voxels = np.empty(shape, dtype=np.float32) if allocate is None else allocate(shape)
 
         def decode_into(index: int) -> None:
             _rescale_into(ordered[index], _stored_pixels(ordered[index]), voxels[index])
