@@ -21,8 +21,9 @@ used once. The folder holds at most :data:`CAPACITY` series: when it is full a h
 dropped, so that a batch of studies keeps the first ones loaded for the jobs that come
 first, and a series whose job has not come for :data:`MAX_AGE_SECONDS` (it went to
 another worker, or routing chose another series) goes. The folder belongs to one
-worker and is private to its user; a worker starting up removes the folders of workers
-that are gone (killed ones too).
+worker and is private to its user (0700; the headers are pickled there, and read back
+only from there); a worker starting up removes the folders of workers that are gone
+(killed ones too).
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ __all__ = [
     "create_preload_folder",
     "manifest_reader",
     "preload",
-    "preload_folder",
     "take",
     "use_preload_folder",
 ]
@@ -68,6 +68,7 @@ MAX_AGE_SECONDS = 300.0
 _PREFIX = "pacsnode-preload-"
 _VOXELS = "voxels.npy"
 _LOADING = ".loading-"
+_TAKEN = ".taken-"
 #: The longest a job waits for a preload of its series that is under way.
 _WAIT_SECONDS = 5.0
 _HEADERS = "headers.pickle"
@@ -112,11 +113,6 @@ def manifest_reader(instances: Sequence[ManifestInstance]) -> FileReader:
 
 class _Folder:
     path: Path | None = None
-
-
-def preload_folder() -> Path | None:
-    """This worker's preload folder; None: preloading is off (hints are ignored)."""
-    return _Folder.path
 
 
 def use_preload_folder(path: Path | None) -> None:
@@ -216,26 +212,31 @@ def preload(instances: Sequence[ManifestInstance]) -> bool:
 
 def _tidy(folder: Path) -> int:
     """Remove series older than :data:`MAX_AGE_SECONDS` and what job processes that died
-    while preloading left; returns how many series are there or being loaded."""
+    while loading or taking a series left; returns how many series are there or being
+    loaded."""
     held = 0
     now = time.time()
     for entry in folder.iterdir():
-        loader = _loader(entry.name)
+        owner = _owner(entry.name, _LOADING) or _owner(entry.name, _TAKEN)
         with contextlib.suppress(OSError):
-            if entry.name.startswith(".") and (loader is None or _alive(loader)):
-                held += loader is not None  # being loaded; ".taken-": being taken
-            elif loader is not None or now - entry.stat().st_mtime > MAX_AGE_SECONDS:
+            if owner is not None:
+                if not _alive(owner):
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    held += entry.name.startswith(_LOADING)
+            elif now - entry.stat().st_mtime > MAX_AGE_SECONDS:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 held += 1
     return held
 
 
-def _loader(name: str) -> int | None:
-    """The pid of the process loading into a staging folder of this name."""
-    if not name.startswith(_LOADING):
+def _owner(name: str, prefix: str) -> int | None:
+    """The pid of the process loading (``_LOADING``) or taking (``_TAKEN``) a series
+    into a folder of this name."""
+    if not name.startswith(prefix):
         return None
-    pid = name.removeprefix(_LOADING).partition("-")[0]
+    pid = name.removeprefix(prefix).partition("-")[0]
     return int(pid) if pid.isdigit() else None
 
 
@@ -245,7 +246,7 @@ def _wait_for_loading(folder: Path, key: str) -> None:
     :data:`_WAIT_SECONDS`."""
     deadline = time.monotonic() + _WAIT_SECONDS
     while time.monotonic() < deadline:
-        loaders = [_loader(p.name) for p in folder.glob(f"{_LOADING}*-{key}")]
+        loaders = [_owner(p.name, _LOADING) for p in folder.glob(f"{_LOADING}*-{key}")]
         if not any(pid is not None and _alive(pid) for pid in loaders):
             return
         time.sleep(0.005)
@@ -259,7 +260,7 @@ def take(instances: Sequence[ManifestInstance]) -> LoadedSeries | None:
         return None
     key = _key(instances)
     entry = folder / key
-    claimed = folder / f".taken-{os.getpid()}-{key}"
+    claimed = folder / f"{_TAKEN}{os.getpid()}-{key}"
     started = time.monotonic()
     if not entry.exists():
         _wait_for_loading(folder, key)

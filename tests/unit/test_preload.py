@@ -127,8 +127,11 @@ def test_a_full_folder_drops_hints_and_old_series_go(tmp_path: Path, folder: Pat
     os.utime(entry, (old, old))
     dead = folder / f".loading-{_dead_pid()}-{inputs._key(fourth)}"
     dead.mkdir()
+    dead_taker = folder / f".taken-{_dead_pid()}-{inputs._key(first)}"
+    dead_taker.mkdir()
     assert inputs.preload(fourth)
     assert not dead.exists()
+    assert not dead_taker.exists()
     assert inputs.take(second) is None
     assert inputs.take(third) is not None
     assert inputs.take(fourth) is not None
