@@ -69,7 +69,7 @@ def label_sums(
     few: bool | None = None,
 ) -> dict[int, tuple[int, float, float]]:
     """For each of ``values``: (voxel count, sum and sum of squares of ``voxels`` there),
-    accumulated in float64, in slabs so the float64 copies stay small."""
+    accumulated in float64, in slabs so the temporaries stay small."""
     result = dict.fromkeys(values, (0, 0.0, 0.0))
     top = max(values, default=0) + 1
     for start in range(0, label_map.shape[0], _SLAB_SLICES):
@@ -77,12 +77,13 @@ def label_sums(
         slab = voxels[start : start + _SLAB_SLICES]
         if _few(values, few):
             for value in values:
-                inside = slab[labels == value].astype(np.float64)
+                inside = slab[labels == value]
                 n, s, q = result[value]
+                # float64 accumulators over the float32 values, without a float64 copy
                 result[value] = (
                     n + inside.size,
-                    s + float(inside.sum()),
-                    q + float(inside @ inside),
+                    s + float(inside.sum(dtype=np.float64)),
+                    q + float(np.einsum("i,i->", inside, inside, dtype=np.float64)),
                 )
             continue
         flat = labels.ravel()
