@@ -64,6 +64,10 @@ def one_run(work: Path, studies: list[Path], model: str, overlap: bool,
             work / "data",
             destination,
             models_dir=str(models_dir),
+            # Only the release completes the series: with a short quiet period each
+            # study would complete while the next is sent, and the jobs would come at
+            # the rate storescu sends studies, not all at once.
+            quiet_seconds=3600,
             worker={"overlap": overlap},
             peers=[{"ae_title": "SCANNER", "host": "127.0.0.1", "complete_on_release": True}],
         )

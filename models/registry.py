@@ -109,11 +109,16 @@ def _forget_folders() -> None:
     _Folders.discovered = False
 
 
+def _import_builtins() -> None:
+    """Import the built-in models' modules (each registers its model once)."""
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+
+
 def _discover() -> None:
     from models.network import BUNDLES_DIR, discover_network_models
 
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    _import_builtins()
     if _Folders.discovered:
         return
     folders = [BUNDLES_DIR]
@@ -187,6 +192,9 @@ def checkpoint() -> tuple[object, ...]:
     """The registry as it is, for :func:`rollback` (a reload that is refused)."""
     from models import network
 
+    # Built-in models are in it even if nothing asked for one yet: a module registers
+    # its model only when first imported, so a rollback must not drop it.
+    _import_builtins()
     return (
         dict(_MODEL_CLASSES),
         dict(_INSTANCES),

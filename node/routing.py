@@ -346,11 +346,15 @@ def route_complete_studies(
     still_receiving = {
         s.study_instance_uid for s in db.series_in_state(SeriesStateValues.RECEIVING)
     }
-    ready = {
-        s.study_instance_uid for s in db.series_in_state(SeriesStateValues.COMPLETE)
-    } - still_receiving
+    arrived: dict[str, float] = {}
+    for complete in db.series_in_state(SeriesStateValues.COMPLETE):
+        study = complete.study_instance_uid
+        arrived[study] = min(arrived.get(study, complete.first_received), complete.first_received)
+    ready = set(arrived) - still_receiving
     created: list[int] = []
-    for study_uid in sorted(ready):
+    # First come, first served: studies completing together (a batch released at once)
+    # are queued in the order they began to arrive.
+    for study_uid in sorted(ready, key=lambda uid: (arrived[uid], uid)):
         series = [
             s
             for s in db.series_of_study(study_uid)
