@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 from pydicom.config import disable_value_validation
 
 from workers.contract import ManifestInstance
@@ -63,6 +64,8 @@ logger = logging.getLogger(__name__)
 #: Series a worker keeps decoded for their jobs at most (a 300-slice 512x512 CT is
 #: 300 MiB of float32).
 CAPACITY = 2
+#: Free space /dev/shm needs to hold the preload folder (else the temporary folder).
+_SHM_NEEDED_BYTES = 1 << 30
 #: How long a preloaded series waits for its job before it is removed.
 MAX_AGE_SECONDS = 300.0
 _PREFIX = "pacsnode-preload-"
@@ -122,11 +125,14 @@ def use_preload_folder(path: Path | None) -> None:
 
 
 def create_preload_folder() -> Path:
-    """Make this worker's preload folder (in ``/dev/shm`` where there is one, which is
-    memory) and use it; call it before the job processes fork. Folders left by worker
+    """Make this worker's preload folder (in ``/dev/shm``, which is memory, where it has
+    room for :data:`CAPACITY` large series; else in the temporary folder) and use it; call it before the job processes fork. Folders left by worker
     processes that are gone are removed first; this one goes when the worker exits."""
     shm = Path("/dev/shm")
-    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    usable = shm.is_dir() and os.access(shm, os.W_OK)
+    # A container's /dev/shm is often 64 MiB: too small, the temporary folder it is.
+    big_enough = usable and shutil.disk_usage(shm).free >= _SHM_NEEDED_BYTES
+    base = shm if big_enough else Path(tempfile.gettempdir())
     for folder in base.glob(f"{_PREFIX}*"):
         pid = folder.name.removeprefix(_PREFIX).partition("-")[0]
         with contextlib.suppress(OSError):
@@ -187,10 +193,7 @@ def preload(instances: Sequence[ManifestInstance]) -> bool:
         series = load_series(
             [Path(i.path) for i in instances],
             manifest_reader(instances),
-            # decoded straight into the file the job maps: no copy to save
-            allocate=lambda shape: np.lib.format.open_memmap(
-                staging / _VOXELS, mode="w+", dtype=np.float32, shape=shape
-            ),
+            allocate=lambda shape: _mapped_volume(staging / _VOXELS, shape),
         )
         headers = (
             dataclasses.replace(series.volume, voxels=np.empty(0, np.float32)),
@@ -208,6 +211,26 @@ def preload(instances: Sequence[ManifestInstance]) -> bool:
         len(instances),
     )
     return True
+
+
+def _mapped_volume(path: Path, shape: tuple[int, int, int]) -> npt.NDArray[np.float32]:
+    """A float32 array of ``shape`` mapped from a new ``.npy`` file at ``path``, which
+    the job maps in turn: the series is decoded straight into it, with no copy to save.
+
+    Raises
+    ------
+    OSError
+        If the file system cannot hold it. Its space is reserved before the array is
+        used: a mapped page that a full tmpfs cannot back would kill the process
+        (SIGBUS) instead.
+    """
+    voxels = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, path.stat().st_size)
+    finally:
+        os.close(fd)
+    return voxels
 
 
 def _tidy(folder: Path) -> int:

@@ -144,27 +144,42 @@ def _dead_pid() -> int:
 
 
 def test_a_starting_worker_removes_the_folders_of_workers_that_are_gone() -> None:
-    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else None
-    if base is None:
-        pytest.skip("no writable /dev/shm here")
+    first = inputs.create_preload_folder()
+    base = first.parent  # /dev/shm, or the temporary folder where that is small
     dead = base / f"pacsnode-preload-{_dead_pid()}-test"
     alive = base / f"pacsnode-preload-{os.getppid()}-test"
     dead.mkdir()
     alive.mkdir()
+    made = [first, dead, alive]
     try:
-        created = inputs.create_preload_folder()
-        try:
-            assert not dead.exists()
-            assert alive.exists()  # its worker still runs
-            assert created.parent == base
-            assert created.stat().st_mode & 0o777 == 0o700
-        finally:
-            inputs.use_preload_folder(None)
-            created.rmdir()
+        second = inputs.create_preload_folder()
+        made.append(second)
+        assert not dead.exists()
+        assert alive.exists()  # its worker still runs
+        assert first.exists()  # this process's own
+        assert second.parent == base
+        assert second.stat().st_mode & 0o777 == 0o700
+        assert inputs._Folder.path == second
     finally:
-        for path in (dead, alive):
+        inputs.use_preload_folder(None)
+        for path in made:
             if path.exists():
                 path.rmdir()
+
+
+def test_a_series_the_folder_cannot_hold_is_not_preloaded(
+    tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _series(tmp_path / "ct")
+    instances = job_request(tmp_path / "ct", "ct-tissue", tmp_path / "out").manifest.instances
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    assert not inputs.preload(instances)
+    assert _entries(folder) == []
+    assert inputs.take(instances) is None
 
 
 class _Broker:
