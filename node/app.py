@@ -314,7 +314,6 @@ class Node:
             route_complete_studies(
                 self.db, self.config.rules, rerun_late=self.rerun_late, on_routed=self._received
             )
-            self.preload_hints.send_due(self.config)
             if self.worker is not None:
                 pid = self.worker.pid
                 if self.worker.check():
@@ -322,6 +321,7 @@ class Node:
             self.dispatcher.dispatch_pending()
             if self.dispatcher.collect():
                 self.wake_sender.set()
+            self.preload_hints.send_due(self.config)
         except Exception:
             # A broker outage or a DB hiccup must not stop the SCP; the next tick retries.
             logger.exception("pipeline tick failed; retrying")

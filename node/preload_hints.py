@@ -20,7 +20,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import redis
 from celery import Celery
+from kombu.exceptions import KombuError
 
 from models.base import InputKindValues
 from models.registry import get_model_class
@@ -87,12 +89,17 @@ class PreloadHints:
             instances = [i.model_dump(mode="json") for i in manifest.instances]
             expires_at = series.last_received + quiet + max(quiet, 1.0)
             for queue in queues:
-                self.app.send_task(
-                    PRELOAD,
-                    kwargs={"instances": instances},
-                    queue=queue,
-                    expires=datetime.fromtimestamp(expires_at, tz=UTC),
-                )
+                try:
+                    self.app.send_task(
+                        PRELOAD,
+                        kwargs={"instances": instances},
+                        queue=queue,
+                        expires=datetime.fromtimestamp(expires_at, tz=UTC),
+                        retry=False,  # a hint is not worth holding up the main loop
+                    )
+                except (redis.RedisError, KombuError, OSError) as exc:  # broker away
+                    logger.debug("series %s not hinted: %s", uid, exc)
+                    continue
                 sent += 1
             if queues:
                 logger.debug("series %s (%d instances) hinted to %s", uid, count, queues)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from kombu.exceptions import KombuError
 
 from node.config import Config
 from node.preload_hints import PreloadHints, lull_seconds
@@ -244,6 +245,13 @@ def test_the_node_hints_a_silent_series_and_again_only_when_it_doubled(tmp_path:
     _record(db, instances[10:], uid, at=103.0)  # 20 >= 2 x 6
     assert hints.send_due(config, now=104.0) == 1
     assert len(broker.sent[-1]["kwargs"]["instances"]) == 20
+
+    class _Away(_Broker):
+        def send_task(self, name: str, **options: Any) -> None:
+            raise KombuError("broker away")
+
+    newcomer = PreloadHints(db, _Away())  # type: ignore[arg-type]
+    assert newcomer.send_due(config, now=200.0) == 0  # the main loop goes on
 
     off = _config(tmp_path, preload=False)
     other = PreloadHints(db, broker)  # type: ignore[arg-type]
