@@ -169,6 +169,15 @@ def _key(instances: Sequence[ManifestInstance]) -> str:
     return digest.hexdigest()
 
 
+def _entry(instances: Sequence[ManifestInstance]) -> tuple[Path, str] | None:
+    """The preload folder and the entry name of ``instances``; None when preloading is
+    off or there are none."""
+    folder = _Folder.path
+    if folder is None or not instances:
+        return None
+    return folder, _key(instances)
+
+
 def preload(instances: Sequence[ManifestInstance]) -> bool:
     """Load the series of ``instances`` as its job would and leave it for that job.
 
@@ -176,10 +185,10 @@ def preload(instances: Sequence[ManifestInstance]) -> bool:
     being loaded already, or it cannot be loaded (its job will meet and report the same
     problem).
     """
-    folder = _Folder.path
-    if folder is None or not instances:
+    where = _entry(instances)
+    if where is None:
         return False
-    key = _key(instances)
+    folder, key = where
     entry = folder / key
     staging = folder / f"{_LOADING}{os.getpid()}-{key}"
     held = _tidy(folder)
@@ -278,10 +287,10 @@ def _wait_for_loading(folder: Path, key: str) -> None:
 def take(instances: Sequence[ManifestInstance]) -> LoadedSeries | None:
     """The series preloaded from exactly ``instances`` (each file's path, size and
     SHA-256), removed from the folder; None if there is none."""
-    folder = _Folder.path
-    if folder is None or not instances:
+    where = _entry(instances)
+    if where is None:
         return None
-    key = _key(instances)
+    folder, key = where
     entry = folder / key
     claimed = folder / f"{_TAKEN}{os.getpid()}-{key}"
     started = time.monotonic()

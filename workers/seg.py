@@ -29,7 +29,7 @@ from models.base import Code, LabelSpec, SegmentationModel
 from workers.dicom_encoding import keep_source_charset, mark_encoded
 from workers.label_passes import label_counts
 from workers.outputs import DEFAULT_SEG, SegVariant
-from workers.seg_frames import build_segmentation
+from workers.seg_frames import build_segmentation, segment_numbers
 from workers.series import LoadedSeries
 from workers.storage import write_dataset_atomic
 from workers.uids import ResultUids
@@ -168,22 +168,6 @@ def _check_inputs(series: LoadedSeries, label_map: npt.NDArray[np.integer]) -> N
         raise ValueError("label_map must not hold negative values.")
 
 
-def _segment_numbers(
-    label_map: npt.NDArray[np.integer], values: list[int]
-) -> npt.NDArray[np.integer]:
-    """``label_map`` with segment numbers 1, 2, ... in place of ``values``, as uint8 below
-    256 segments (what highdicom takes); ``label_map`` itself where it holds them."""
-    dtype = np.uint8 if len(values) < 256 else np.uint16
-    if values == list(range(1, len(values) + 1)) and label_map.dtype == dtype:
-        return label_map
-    lut = np.zeros(int(label_map.max(initial=0)) + 1, dtype=dtype)
-    for number, value in enumerate(values, start=1):
-        if value < lut.size:
-            lut[value] = number
-    numbers: npt.NDArray[np.integer] = lut[label_map]
-    return numbers
-
-
 def _derive_dimension_organization_uid(seg: Dataset, uids: ResultUids, variant: SegVariant) -> None:
     """Replace highdicom's random DimensionOrganizationUID by one derived from the job.
 
@@ -307,7 +291,7 @@ def build_seg(
     values = [info.label_value for info in segments]
     if with_highdicom:
         build: Callable[..., Dataset] = functools.partial(
-            hd.seg.Segmentation, pixel_array=_segment_numbers(label_map, values)
+            hd.seg.Segmentation, pixel_array=segment_numbers(label_map, values)
         )
     else:
         build = functools.partial(build_segmentation, pixel_array=label_map, segment_values=values)

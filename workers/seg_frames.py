@@ -55,7 +55,7 @@ from workers.dicom_encoding import (
     raw_sequence,
 )
 
-__all__ = ["build_segmentation"]
+__all__ = ["build_segmentation", "segment_numbers"]
 
 _DERIVATION_IMAGE = 0x00089124
 _FRAME_CONTENT = 0x00209111
@@ -206,6 +206,15 @@ def _check_one_series(source_images: Sequence[Dataset]) -> None:
             )
         if image.ImageOrientationPatient != orientation:
             raise ValueError("Source images must have a shared orientation.")
+
+
+def segment_numbers(
+    pixel_array: npt.NDArray[np.integer], segment_values: Sequence[int]
+) -> npt.NDArray[np.integer]:
+    """``pixel_array`` with segment numbers 1, 2, ... in place of ``segment_values``, as
+    uint8 below 256 segments (what highdicom takes); ``pixel_array`` itself where it
+    holds them already."""
+    return _Numbering(pixel_array, segment_values).segment_numbers(pixel_array)
 
 
 class _Numbering:
